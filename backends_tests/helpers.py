@@ -1,0 +1,120 @@
+"""Backend-neutral test helpers; the few backend branches live here and nowhere else."""
+
+from __future__ import annotations
+
+import importlib
+
+import keras
+import numpy as np
+from keras import ops
+
+BACKEND = keras.config.backend()
+
+
+def as_numpy(x) -> np.ndarray:
+    return np.asarray(ops.convert_to_numpy(x)).astype("float32")
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, "float64"), np.asarray(ref, "float64")
+    return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-12))
+
+
+def random_images(spec_or_model, batch, seed=0, data_format="channels_last", size=None):
+    """Random normal images of the model's configured size (or `size`)."""
+    config = spec_or_model if isinstance(spec_or_model, dict) else spec_or_model.get_config()
+    h, w = size or _pair(config["image_size"])
+    c = config.get("channels", 3)
+    x = np.random.default_rng(seed).normal(size=(batch, h, w, c)).astype("float32")
+    return x if data_format == "channels_last" else x.transpose(0, 3, 1, 2)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
+def plain_kwargs(config: dict) -> dict:
+    """Lists back to tuples: vit-pytorch's `pair()` only accepts tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def reference_class(spec):
+    module, cls = spec.reference.rsplit(".", 1)
+    return getattr(importlib.import_module(f"vit_pytorch.{module}"), cls)
+
+
+def randomize_torch(module, seed=0, scale=0.3):
+    """Every parameter and floating buffer drawn at random (no default init survives);
+    running variances stay positive."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if not tensor.is_floating_point():
+                tensor.copy_(torch.randint(0, 10, tensor.shape, generator=g))
+            elif "running_var" in name:
+                tensor.copy_(torch.rand(tensor.shape, generator=g) + 0.5)
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=g) * scale)
+    return module
+
+
+def gradients(model, x, weights):
+    """d(sum(model(x) * r))/d(weights) for a fixed random r, on the current backend."""
+    r = np.random.default_rng(1).normal(size=tuple(model(x).shape)).astype("float32")
+    if BACKEND == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def loss(tv):
+            y, _ = model.stateless_call(tv, non_trainable, x, training=True)
+            return (y * r).sum()
+
+        grads = dict(zip([id(v) for v in model.trainable_variables], jax.grad(loss)(trainable)))
+        return [grads[id(w)] for w in weights]
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True) * r)
+        return tape.gradient(loss, weights)
+    import torch
+
+    for w in weights:
+        w.value.grad = None
+    loss = (model(x, training=True) * torch.as_tensor(r)).sum()
+    loss.backward()
+    return [w.value.grad for w in weights]
+
+
+def compiled_forward(model, x):
+    """The model's forward pass compiled: XLA on JAX and TensorFlow, torch.compile on torch."""
+    if BACKEND == "jax":
+        import jax
+
+        tv = [v.value for v in model.trainable_variables]
+        ntv = [v.value for v in model.non_trainable_variables]
+        fn = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x)[0])
+        return fn(tv, ntv, x)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x: model(x, training=False), jit_compile=True)(x)
+    import torch
+
+    # aot_eager: dynamo capture + AOT autograd tracing, without a C++ toolchain.
+    fn = torch.compile(lambda x: model(x, training=False), backend="aot_eager", fullgraph=True)
+    return fn(torch.as_tensor(x))
+
+
+def template_task(config: dict, samples=96, seed=0):
+    """A learnable synthetic task: class k is a fixed random image plus noise."""
+    rng = np.random.default_rng(seed)
+    classes = config["num_classes"]
+    templates = rng.normal(size=(classes, *random_images(config, 1).shape[1:]))
+    labels = rng.integers(0, classes, size=samples)
+    noise = rng.normal(size=(samples, *templates.shape[1:]))
+    return (templates[labels] + 0.5 * noise).astype("float32"), labels.astype("int32")

@@ -1,0 +1,153 @@
+"""The harness every registered model joins by registering itself: run on each backend."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import vitkit
+from backends_tests.helpers import (
+    BACKEND,
+    as_numpy,
+    compiled_forward,
+    gradients,
+    random_images,
+    template_task,
+)
+from vitkit.layers.utils import KERAS_BASE_KWARGS, constructor_args
+
+MODELS = vitkit.list_models()
+
+
+def build(name, **overrides):
+    spec = vitkit.get_spec(name)
+    return spec.cls(**{**spec.tiny, **overrides})
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_shapes_and_data_formats(name):
+    spec = vitkit.get_spec(name)
+    model = build(name)
+    x = random_images(spec.tiny, 3)
+    y3 = as_numpy(model(x))
+    y1 = as_numpy(model(x[:1]))
+    assert y3.shape == (3, spec.tiny["num_classes"])
+    assert y1.shape == (1, spec.tiny["num_classes"])
+    # Each sample is processed on its own: batch 1 gives the first row of batch 3.
+    np.testing.assert_allclose(y1, y3[:1], rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(y3))
+
+    first = build(name, data_format="channels_first")
+    first.build_default()
+    first.set_weights(model.get_weights())
+    y_first = as_numpy(first(x.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(y_first, y3, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_weight_gets_a_gradient(name):
+    model = build(name)
+    x = random_images(vitkit.get_spec(name).tiny, 2)
+    weights = model.build_default().trainable_weights
+    assert weights, "a model with no trainable weights"
+    grads = gradients(model, x, weights)
+    for weight, grad in zip(weights, grads):
+        assert grad is not None, f"{weight.path}: no gradient"
+        grad = as_numpy(grad)
+        assert np.all(np.isfinite(grad)), f"{weight.path}: non-finite gradient"
+        assert np.any(grad != 0), f"{weight.path}: gradient is zero everywhere"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fit_lowers_the_loss(name):
+    spec = vitkit.get_spec(name)
+    model = build(name)
+    x, y = template_task(spec.tiny)
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    before = model.evaluate(x, y, verbose=0, return_dict=True)
+    history = model.fit(x, y, batch_size=16, epochs=6, verbose=0)
+    after = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert after["loss"] < 0.5 * before["loss"], (before, after)
+    assert after["accuracy"] > 0.8, (before, after)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_config_is_exactly_the_constructor_arguments(name):
+    model = build(name)
+    config = model.get_config()
+    assert set(config) == set(constructor_args(type(model))) | KERAS_BASE_KWARGS
+    clone = type(model).from_config(config)
+    assert clone.get_config() == config
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_keras_file_round_trip(name, tmp_path):
+    model = build(name)
+    x = random_images(vitkit.get_spec(name).tiny, 2)
+    expected = as_numpy(model(x))
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(loaded) is type(model)
+    assert loaded.get_config() == model.get_config()
+    np.testing.assert_array_equal(as_numpy(loaded(x)), expected)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_forward_matches_eager(name):
+    model = build(name)
+    x = random_images(vitkit.get_spec(name).tiny, 2)
+    eager = as_numpy(model(x, training=False))
+    np.testing.assert_allclose(as_numpy(compiled_forward(model, x)), eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_mixed_bfloat16(name):
+    model = build(name, dtype="mixed_bfloat16")
+    y = model(random_images(vitkit.get_spec(name).tiny, 2))
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    assert np.all(np.isfinite(as_numpy(y)))
+    assert all(keras.backend.standardize_dtype(w.dtype) == "float32" for w in model.weights)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unknown_keyword_is_a_type_error(name):
+    with pytest.raises(TypeError, match="patch_sise"):
+        build(name, patch_sise=4)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, parameter",
+    [(name, o, p) for name in MODELS for o, p in vitkit.get_spec(name).invalid],
+)
+def test_invalid_configuration_names_the_parameter(name, overrides, parameter):
+    with pytest.raises(ValueError, match=f"`{parameter}`"):
+        build(name, **overrides)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_wrong_inputs_give_clear_errors(name):
+    spec = vitkit.get_spec(name)
+    model = build(name)
+    x = random_images(spec.tiny, 2)
+    channels = x.shape[-1]
+    with pytest.raises(ValueError, match=r"rank 4.*rank 3"):
+        model(x[0])
+    with pytest.raises(ValueError, match=rf"{channels} channels.*{channels + 1} channels"):
+        model(np.concatenate([x, x[..., :1]], axis=-1))
+    h, w = x.shape[1:3]
+    with pytest.raises(ValueError, match=rf"{h + 1}x{w}"):
+        model(random_images(spec.tiny, 2, size=(h + 1, w)))
+    first = build(name, data_format="channels_first")
+    with pytest.raises(ValueError, match="channels_first"):
+        first(x)  # channels_last images given to a channels_first model
+
+
+def test_backend_is_the_sessions():
+    assert BACKEND == keras.config.backend()

@@ -1,0 +1,25 @@
+"""vitkit: vision transformers written once in Keras 3, for JAX, PyTorch and TensorFlow.
+
+```python
+import os; os.environ["KERAS_BACKEND"] = "jax"   # or "torch", "tensorflow"
+import vitkit
+model = vitkit.create_model("vit_small_patch16_224", num_classes=10)
+```
+"""
+
+from vitkit import convert, layers, models
+from vitkit.registry import create_model, get_spec, list_models, list_presets, register_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "convert",
+    "create_model",
+    "get_spec",
+    "layers",
+    "list_models",
+    "list_presets",
+    "models",
+    "register_model",
+]

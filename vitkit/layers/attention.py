@@ -1,0 +1,150 @@
+"""Multi-head self-attention, pre-norm (Vaswani et al. 2017, arXiv:1706.03762; as used by ViT,
+Dosovitskiy et al. 2021, arXiv:2010.11929, eq. 2-3)."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from vitkit.layers.backend_quirks import FLASH_ATTENTION
+from vitkit.layers.base import VitkitLayer
+from vitkit.layers.utils import check_int, check_rate
+
+LN_EPSILON = 1e-5  # torch.nn.LayerNorm's default, so numbers match vit-pytorch
+
+
+@keras.saving.register_keras_serializable(package="vitkit")
+class Attention(VitkitLayer):
+    """Pre-norm multi-head self-attention over tokens `(batch, n, dim)`.
+
+    `LayerNorm -> one projection to q, k, v -> softmax(q k^T / sqrt(dim_head)) v -> output
+    projection`. The product goes through `keras.ops.dot_product_attention`, so each backend
+    runs its fused kernel. Variants that must see the attention matrix set `fusable = False`
+    and override `transform_scores` (before the softmax) or `transform_attention` (after it);
+    dropout on the attention weights also takes that explicit path, in training only.
+
+    Args:
+        dim: token width.
+        heads: number of attention heads.
+        dim_head: width of each head; the inner width is `heads * dim_head`.
+        dropout: dropout on the attention weights and on the output projection.
+        project_out: whether to project heads back to `dim`; `None` projects unless
+            `heads == 1 and dim_head == dim` (vit-pytorch's rule).
+        out_bias: whether the output projection has a bias.
+        qkv_bias: whether the q, k, v projection has a bias.
+        norm: whether to LayerNorm the input first (pre-norm).
+    """
+
+    fusable = True
+
+    def __init__(
+        self,
+        dim,
+        heads=8,
+        dim_head=64,
+        dropout=0.0,
+        project_out=None,
+        out_bias=True,
+        qkv_bias=False,
+        norm=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        owner = type(self).__name__
+        self.dim = check_int("dim", dim, owner=owner)
+        self.heads = check_int("heads", heads, owner=owner)
+        self.dim_head = check_int("dim_head", dim_head, owner=owner)
+        self.dropout = check_rate("dropout", dropout, owner=owner)
+        self.project_out = project_out
+        self.out_bias = out_bias
+        self.qkv_bias = qkv_bias
+        self.norm = norm
+
+        self.inner_dim = heads * dim_head
+        self.scale = dim_head**-0.5
+        self.projects_out = (
+            not (heads == 1 and dim_head == dim) if project_out is None else bool(project_out)
+        )
+        policy = self.dtype_policy
+        self.norm_layer = (
+            keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=policy, name="norm")
+            if norm
+            else None
+        )
+        self.to_qkv = keras.layers.Dense(
+            3 * self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_qkv"
+        )
+        self.attn_dropout = keras.layers.Dropout(dropout, dtype=policy)
+        self.to_out = (
+            keras.layers.Dense(dim, use_bias=out_bias, dtype=policy, name="to_out")
+            if self.projects_out
+            else None
+        )
+        self.out_dropout = keras.layers.Dropout(dropout, dtype=policy)
+
+    def build(self, input_shape):
+        if self.norm_layer is not None:
+            self.norm_layer.build(input_shape)
+        self.to_qkv.build(input_shape)
+        if self.to_out is not None:
+            self.to_out.build((*input_shape[:-1], self.inner_dim))
+
+    # The pieces, in the paper's order ------------------------------------------------------
+
+    def split_heads(self, qkv):
+        """(b, n, 3 * h * d) -> three tensors (b, n, h, d), the layout of dot_product_attention."""
+        shape = ops.shape(qkv)
+        qkv = ops.reshape(qkv, (-1, shape[1], 3, self.heads, self.dim_head))
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+    def transform_scores(self, scores):
+        """Hook on the scaled scores `(b, h, n_q, n_k)` before the softmax."""
+        return scores
+
+    def transform_attention(self, attn):
+        """Hook on the attention weights `(b, h, n_q, n_k)` after the softmax."""
+        return attn
+
+    def attention_weights(self, q, k, training=None):
+        """softmax(q k^T * scale) with the hooks applied: `(b, h, n_q, n_k)`."""
+        scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * ops.cast(self.scale, q.dtype)
+        scores = self.transform_scores(scores)
+        # Softmax in float32 under mixed precision, as keras.layers.MultiHeadAttention does.
+        attn = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), q.dtype)
+        attn = self.transform_attention(attn)
+        return self.attn_dropout(attn, training=training)
+
+    def attend(self, q, k, v, training=None):
+        """(b, n, h, d) queries, keys, values -> (b, n, h, d)."""
+        if self.fusable and not (training and self.dropout > 0):
+            return ops.dot_product_attention(
+                q, k, v, scale=self.scale, flash_attention=FLASH_ATTENTION
+            )
+        attn = self.attention_weights(q, k, training=training)
+        return ops.einsum("bhqk,bkhd->bqhd", attn, v)
+
+    def project(self, out, training=None):
+        """(b, n, h, d) -> (b, n, dim)."""
+        shape = ops.shape(out)
+        out = ops.reshape(out, (-1, shape[1], self.inner_dim))
+        if self.to_out is None:
+            return out
+        return self.out_dropout(self.to_out(out), training=training)
+
+    def call(self, x, training=None):
+        if self.norm_layer is not None:
+            x = self.norm_layer(x)
+        q, k, v = self.split_heads(self.to_qkv(x))
+        return self.project(self.attend(q, k, v, training=training), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def vit_pytorch_state_map(self, out="to_out.0"):
+        """Our weights under vit-pytorch's names (`out`: where its output Linear sits)."""
+        names = {"to_qkv": self.to_qkv}
+        if self.norm_layer is not None:
+            names["norm"] = self.norm_layer
+        if self.to_out is not None:
+            names[out] = self.to_out
+        return names

@@ -1,0 +1,66 @@
+"""The transformer's position-wise feed-forward block (ViT, arXiv:2010.11929, eq. 3)."""
+
+from __future__ import annotations
+
+import keras
+
+from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.base import VitkitLayer
+from vitkit.layers.utils import check_int, check_rate
+
+
+@keras.saving.register_keras_serializable(package="vitkit")
+class FeedForward(VitkitLayer):
+    """`LayerNorm -> Dense(hidden_dim) -> activation -> Dropout -> Dense(dim) -> Dropout`.
+
+    Args:
+        dim: token width, in and out.
+        hidden_dim: width of the hidden layer (vit-pytorch's `mlp_dim`).
+        dropout: dropout after the activation and after the output projection.
+        activation: any Keras activation name; `"gelu"` is the exact (erf) GELU of torch.
+        norm: whether to LayerNorm the input first (pre-norm).
+    """
+
+    def __init__(self, dim, hidden_dim, dropout=0.0, activation="gelu", norm=True, **kwargs):
+        super().__init__(**kwargs)
+        owner = type(self).__name__
+        self.dim = check_int("dim", dim, owner=owner)
+        self.hidden_dim = check_int("hidden_dim", hidden_dim, owner=owner)
+        self.dropout = check_rate("dropout", dropout, owner=owner)
+        self.activation = activation
+        self.norm = norm
+
+        policy = self.dtype_policy
+        self.norm_layer = (
+            keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=policy, name="norm")
+            if norm
+            else None
+        )
+        self.hidden = keras.layers.Dense(
+            hidden_dim, activation=activation, dtype=policy, name="hidden"
+        )
+        self.hidden_dropout = keras.layers.Dropout(dropout, dtype=policy)
+        self.out = keras.layers.Dense(dim, dtype=policy, name="out")
+        self.out_dropout = keras.layers.Dropout(dropout, dtype=policy)
+
+    def build(self, input_shape):
+        if self.norm_layer is not None:
+            self.norm_layer.build(input_shape)
+        self.hidden.build(input_shape)
+        self.out.build((*input_shape[:-1], self.hidden_dim))
+
+    def call(self, x, training=None):
+        if self.norm_layer is not None:
+            x = self.norm_layer(x)
+        x = self.hidden_dropout(self.hidden(x), training=training)
+        return self.out_dropout(self.out(x), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def vit_pytorch_state_map(self, hidden="net.1", out="net.4"):
+        """Our weights under vit-pytorch's names (indices inside its `nn.Sequential`)."""
+        names = {hidden: self.hidden, out: self.out}
+        if self.norm_layer is not None:
+            names["net.0"] = self.norm_layer
+        return names

@@ -1,0 +1,131 @@
+"""Small helpers every block and model shares: argument checks, image layout, patchify."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Sequence
+
+from keras import ops
+
+DATA_FORMATS = ("channels_last", "channels_first")
+# Keyword arguments that every Keras layer or model accepts besides its own.
+KERAS_BASE_KWARGS = frozenset({"name", "dtype", "trainable"})
+
+
+def pair(value, name: str = "value") -> tuple[int, int]:
+    """`7 -> (7, 7)`, `(7, 5) -> (7, 5)`; lists (from JSON configs) count as tuples."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"`{name}` must be an int or a pair (height, width); got {value!r}.")
+        return tuple(value)
+    return (value, value)
+
+
+def check_int(name: str, value, minimum: int = 1, owner: str = "") -> int:
+    """A Python int >= `minimum` (bools refused), else a ValueError naming `name`."""
+    where = f"{owner}: " if owner else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where}`{name}` must be an integer >= {minimum}; got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{where}`{name}` must be an integer >= {minimum}; got {value}.")
+    return value
+
+
+def check_pair(name: str, value, minimum: int = 1, owner: str = "") -> tuple[int, int]:
+    """An int or (height, width) pair of ints >= `minimum`."""
+    where = f"{owner}: " if owner else ""
+    try:
+        h, w = pair(value, name)
+    except ValueError as err:
+        raise ValueError(f"{where}{err}") from None
+    for v in (h, w):
+        check_int(name, v, minimum, owner)
+    return (h, w)
+
+
+def check_rate(name: str, value, owner: str = "") -> float:
+    """A probability in [0, 1)."""
+    where = f"{owner}: " if owner else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{where}`{name}` must be a number in [0, 1); got {value!r}.")
+    return float(value)
+
+
+def check_choice(name: str, value, choices: Iterable[str], owner: str = "") -> str:
+    where = f"{owner}: " if owner else ""
+    choices = tuple(choices)
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{where}`{name}` must be one of {options}; got {value!r}.")
+    return value
+
+
+def check_divisible(image_size, patch_size, owner: str = "") -> tuple[int, int]:
+    """The patch grid (rows, cols) of an image; a ValueError if the patch does not tile it."""
+    (ih, iw), (ph, pw) = image_size, patch_size
+    if ih % ph or iw % pw:
+        where = f"{owner}: " if owner else ""
+        raise ValueError(
+            f"{where}`image_size` {tuple(image_size)} must be divisible by `patch_size` "
+            f"{tuple(patch_size)} in both height and width."
+        )
+    return ih // ph, iw // pw
+
+
+def reject_unknown_kwargs(owner: str, kwargs: dict) -> None:
+    """Unknown keyword arguments are a TypeError that names every one of them."""
+    unknown = sorted(set(kwargs) - KERAS_BASE_KWARGS)
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        raise TypeError(f"{owner}() got unexpected keyword argument(s): {names}.")
+
+
+def constructor_args(cls) -> list[str]:
+    """Names of the keyword arguments `cls.__init__` declares (not `self`, not `**kwargs`)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [
+        p.name
+        for p in params
+        if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+
+
+def plain(value):
+    """Tuples to lists, recursively: what a config looks like after a JSON round trip."""
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def image_shape(images, data_format: str) -> tuple:
+    """(height, width, channels) of a batch of images, static dims as ints (None if unknown)."""
+    _, a, b, c = images.shape
+    return (a, b, c) if data_format == "channels_last" else (b, c, a)
+
+
+def to_channels_last(images, data_format: str):
+    """(b, c, h, w) -> (b, h, w, c) for channels_first; unchanged otherwise."""
+    if data_format == "channels_first":
+        return ops.transpose(images, (0, 2, 3, 1))
+    return images
+
+
+def patchify(images, patch_size: Sequence[int], data_format: str = "channels_last"):
+    """Cut images into non-overlapping patches, flattened in (p1 p2 c) order.
+
+    `(b, h*p1, w*p2, c) -> (b, h*w, p1*p2*c)` for channels_last, the same result from
+    `(b, c, h*p1, w*p2)` for channels_first: one reshape, one transpose, one reshape.
+    """
+    p1, p2 = patch_size
+    shape = ops.shape(images)
+    if data_format == "channels_last":
+        b, hh, ww, c = shape
+        x = ops.reshape(images, (b, hh // p1, p1, ww // p2, p2, c))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))  # b h w p1 p2 c
+    else:
+        b, c, hh, ww = shape
+        x = ops.reshape(images, (b, c, hh // p1, p1, ww // p2, p2))
+        x = ops.transpose(x, (0, 2, 4, 3, 5, 1))  # b h w p1 p2 c
+    return ops.reshape(x, (b, (hh // p1) * (ww // p2), p1 * p2 * c))

@@ -1,0 +1,119 @@
+"""The model registry: every architecture registers itself once and so joins the CLI, the
+presets and the whole test harness.
+
+```python
+@register_model(tiny=dict(...), presets={"vit_base_patch16_224": dict(...)})
+@keras.saving.register_keras_serializable(package="vitkit")
+class ViT(VitkitModel): ...
+```
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows of one architecture.
+
+    Attributes:
+        name: the architecture's name, the reference module's name (`"vit"`).
+        cls: the model class.
+        tiny: the smallest sensible configuration; the tests build it on every backend.
+        parity: configurations the parity tests check against vit-pytorch.
+        presets: named published sizes, `{preset_name: constructor kwargs}`.
+        invalid: `(overrides of tiny, name of the parameter the ValueError must name)` pairs.
+        reference: the vit-pytorch class, `"module.Class"` under `vit_pytorch`.
+        digits: a configuration suited to the 8x8 digits data (`vitkit train`).
+    """
+
+    name: str
+    cls: type
+    tiny: dict
+    parity: tuple = ()
+    presets: dict = field(default_factory=dict)
+    invalid: tuple = ()
+    reference: str | None = None
+    digits: dict | None = None
+
+
+_MODELS: dict[str, ModelSpec] = {}
+_PRESETS: dict[str, str] = {}  # preset name -> architecture name
+
+
+def register_model(
+    *,
+    tiny: dict,
+    parity=(),
+    presets: dict | None = None,
+    invalid=(),
+    name: str | None = None,
+    reference: str | None = None,
+    digits: dict | None = None,
+):
+    """Class decorator that registers an architecture under its module's name."""
+
+    def decorate(cls):
+        arch = name or cls.__module__.rsplit(".", 1)[-1]
+        if arch in _MODELS and _MODELS[arch].cls is not cls:
+            raise ValueError(f"architecture {arch!r} is registered twice")
+        spec = ModelSpec(
+            name=arch,
+            cls=cls,
+            tiny=dict(tiny),
+            parity=tuple(dict(c) for c in parity),
+            presets={k: dict(v) for k, v in (presets or {}).items()},
+            invalid=tuple(invalid),
+            reference=reference or f"{arch}.{cls.__name__}",
+            digits=dict(digits) if digits is not None else None,
+        )
+        _MODELS[arch] = spec
+        for preset in spec.presets:
+            if preset in _PRESETS or preset in _MODELS:
+                raise ValueError(f"preset name {preset!r} is taken")
+            _PRESETS[preset] = arch
+        return cls
+
+    return decorate
+
+
+def _load_all() -> None:
+    importlib.import_module("vitkit.models")
+
+
+def list_models() -> list[str]:
+    """Names of every registered architecture (the vit-pytorch module names), sorted."""
+    _load_all()
+    return sorted(_MODELS)
+
+
+def list_presets(model: str | None = None) -> list[str]:
+    """Names of the named sizes, of every architecture or of `model` alone, sorted."""
+    _load_all()
+    if model is not None:
+        return sorted(get_spec(model).presets)
+    return sorted(_PRESETS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The `ModelSpec` of an architecture, or of the architecture a preset belongs to."""
+    _load_all()
+    arch = _PRESETS.get(name, name)
+    if arch not in _MODELS:
+        known = ", ".join(sorted(_MODELS) + sorted(_PRESETS))
+        raise ValueError(f"unknown model or preset {name!r}; known: {known}.")
+    return _MODELS[arch]
+
+
+def create_model(name: str, **kwargs):
+    """Build an architecture from keyword arguments, or a preset with some of them overridden.
+
+    `create_model("vit_base_patch16_224", num_classes=10)`, or
+    `create_model("vit", image_size=32, patch_size=4, num_classes=10, dim=64, depth=2, heads=4,
+    mlp_dim=128)`.
+    """
+    spec = get_spec(name)
+    config = {**spec.presets.get(name, {}), **kwargs}
+    return spec.cls(**config)
