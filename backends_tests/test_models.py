@@ -150,4 +150,4 @@ def test_wrong_inputs_give_clear_errors(name):
 
 
 def test_backend_is_the_sessions():
-    assert BACKEND == keras.config.backend()
+    assert keras.config.backend() == BACKEND

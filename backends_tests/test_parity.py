@@ -34,8 +34,11 @@ def reference_pair(name, index, seed=0):
 def test_matches_vit_pytorch(name, index):
     spec, config, ref = reference_pair(name, index)
     ours = from_vit_pytorch(spec.cls(**config), ref.state_dict())
-    h, w = config["image_size"] if isinstance(config["image_size"], tuple) else (
-        config["image_size"],) * 2
+    h, w = (
+        config["image_size"]
+        if isinstance(config["image_size"], tuple)
+        else (config["image_size"],) * 2
+    )
     x = np.random.default_rng(index).normal(size=(3, config.get("channels", 3), h, w))
     x = x.astype("float32")
     with torch.no_grad():

@@ -10,7 +10,7 @@ from vitkit.convert.mapping import flatten
 
 
 def _to_numpy(value) -> np.ndarray:
-    """A torch tensor (any device, any float dtype) or array-like -> numpy, without importing torch."""
+    """A torch tensor (any device, any float dtype) or an array-like, as numpy (no torch import)."""
     if hasattr(value, "detach"):
         value = value.detach().cpu()
         if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
@@ -46,7 +46,9 @@ def from_vit_pytorch(model, state_dict):
     if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
         state_dict = state_dict.state_dict()
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"`state_dict` must be a mapping of names to arrays; got {type(state_dict)}.")
+        raise TypeError(
+            f"`state_dict` must be a mapping of names to arrays; got {type(state_dict)}."
+        )
     vit_pytorch_keys(model)  # builds the model if needed
     targets = flatten(model.vit_pytorch_state_map())
     arrays = {key: _to_numpy(value) for key, value in state_dict.items()}
@@ -60,8 +62,11 @@ def from_vit_pytorch(model, state_dict):
     )
     if missing or unexpected or misshaped:
         lines = [f"cannot load this state dict into {type(model).__name__}:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected),
-                            ("mis-shaped", misshaped)):
+        for title, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+        ):
             if keys:
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
         raise ValueError("\n".join(lines))

@@ -94,7 +94,7 @@ class PatchEmbedding(VitkitLayer):
         return (input_shape[0], n, self.dim)
 
     def vit_pytorch_state_map(self):
-        """vit-pytorch's `to_patch_embedding = Sequential(Rearrange, LayerNorm, Linear, LayerNorm)`."""
+        """vit-pytorch's `to_patch_embedding`: Rearrange, LayerNorm, Linear, LayerNorm."""
         names = {"2": self.proj}
         if self.patch_norm is not None:
             names["1"] = self.patch_norm

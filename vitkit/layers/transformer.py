@@ -104,7 +104,9 @@ class Transformer(VitkitLayer):
         names = {}
         for i, (attention, feed_forward) in enumerate(zip(self.attentions, self.feed_forwards)):
             names[f"layers.{i}.0"] = attention.vit_pytorch_state_map(out=attention_out)
-            names[f"layers.{i}.1"] = feed_forward.vit_pytorch_state_map(hidden=ff_hidden, out=ff_out)
+            names[f"layers.{i}.1"] = feed_forward.vit_pytorch_state_map(
+                hidden=ff_hidden, out=ff_out
+            )
         if self.norm is not None:
             names["norm"] = self.norm
         return names

@@ -12,6 +12,7 @@ from vitkit.models.vit import VIT_SIZES
 from vitkit.registry import register_model
 
 
+# fmt: off
 @register_model(
     tiny=dict(
         image_size=(24, 20), patch_size=(4, 5), num_classes=7, dim=20, depth=2, heads=3,
@@ -40,6 +41,7 @@ from vitkit.registry import register_model
     digits=dict(image_size=8, patch_size=2, num_classes=10, dim=64, depth=4, heads=4,
                 dim_head=16, mlp_dim=128, channels=1),
 )
+# fmt: on
 @keras.saving.register_keras_serializable(package="vitkit")
 class SimpleViT(VitkitModel):
     """ViT made simpler and faster to train: fixed 2-D sin-cos position embeddings instead of

@@ -6,7 +6,13 @@ from __future__ import annotations
 import keras
 
 from vitkit.convert.mapping import Empty
-from vitkit.layers import ClassToken, LearnedPositionEmbedding, PatchEmbedding, TokenPool, Transformer
+from vitkit.layers import (
+    ClassToken,
+    LearnedPositionEmbedding,
+    PatchEmbedding,
+    TokenPool,
+    Transformer,
+)
 from vitkit.layers.utils import check_choice, check_divisible, check_int, check_pair, check_rate
 from vitkit.models.base import VitkitModel
 from vitkit.registry import register_model
@@ -19,6 +25,7 @@ VIT_SIZES = {  # Table 1 of the paper, plus DeiT's tiny and small
 }
 
 
+# fmt: off
 @register_model(
     tiny=dict(
         image_size=(24, 20), patch_size=(4, 5), num_classes=7, dim=18, depth=2, heads=3,
@@ -47,6 +54,7 @@ VIT_SIZES = {  # Table 1 of the paper, plus DeiT's tiny and small
     digits=dict(image_size=8, patch_size=2, num_classes=10, dim=64, depth=4, heads=4,
                 dim_head=16, mlp_dim=128, channels=1),
 )
+# fmt: on
 @keras.saving.register_keras_serializable(package="vitkit")
 class ViT(VitkitModel):
     """The Vision Transformer: split the image into patches, embed each as a token, prepend a

@@ -1,0 +1,59 @@
+"""The test matrix: `nox` runs every backend's tests and the linter.
+
+Each backend's session gets its own virtualenv with only that backend, plus torch 2.13.0 and
+vit-pytorch 1.26.11 (installed with --no-deps) as the numerical reference for parity tests.
+"""
+
+import os
+
+import nox
+
+BACKENDS = ("jax", "torch", "tensorflow")
+# The backend packages each session installs. torch is pinned: a newer one pulls CUDA wheels.
+TORCH = "torch==2.13.0"
+BACKEND_PACKAGES = {"jax": ["jax[cpu]"], "torch": [], "tensorflow": ["tensorflow-cpu"]}
+REFERENCE = "vit-pytorch==1.26.11"
+
+nox.options.sessions = [f"tests-{b}" for b in BACKENDS] + ["lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def install_backend(session, backend):
+    session.install(TORCH)  # first, so nothing later resolves a CUDA build
+    packages = BACKEND_PACKAGES[backend]
+    session.install("-e", ".[test]", *packages)
+    session.install("--no-deps", REFERENCE)
+
+
+def run_tests(session, backend):
+    install_backend(session, backend)
+    workers = os.environ.get("VITKIT_TEST_WORKERS", "2")
+    session.run(
+        "pytest",
+        "-n",
+        workers,
+        "--dist",
+        "loadgroup",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+
+
+# One parametrized body, one named session per backend: `nox -s tests-jax`.
+for _backend in BACKENDS:
+
+    def _tests(session, backend=_backend):
+        run_tests(session, backend)
+
+    _tests.__doc__ = f"Run the whole test harness on the {_backend} backend."
+    nox.session(name=f"tests-{_backend}")(_tests)
+
+
+@nox.session
+def lint(session):
+    """ruff: lint and formatting."""
+    session.install("ruff")
+    session.run("ruff", "check", "vitkit", "backends_tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "vitkit", "backends_tests", "noxfile.py")
