@@ -20,11 +20,19 @@ def rel_err(ours, ref) -> float:
     return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-12))
 
 
-def random_images(spec_or_model, batch, seed=0, data_format="channels_last", size=None):
-    """Random normal images of the model's configured size (or `size`)."""
-    config = spec_or_model if isinstance(spec_or_model, dict) else spec_or_model.get_config()
-    h, w = size or _pair(config["image_size"])
-    c = config.get("channels", 3)
+def random_images(model_or_config, batch, seed=0, data_format=None, size=None):
+    """Random normal images for a model (or a config of one), of its configured size or
+    `size=(height, width)`, in its data format or the one named."""
+    model = model_or_config
+    if isinstance(model_or_config, dict):
+        model = model_or_config  # a config: image_size / channels keys
+        h, w = size or _pair(model["image_size"])
+        c = model.get("channels", 3)
+        data_format = data_format or model.get("data_format", "channels_last")
+    else:
+        h, w = size or model.image_hw
+        c = model.channels
+        data_format = data_format or model.data_format
     x = np.random.default_rng(seed).normal(size=(batch, h, w, c)).astype("float32")
     return x if data_format == "channels_last" else x.transpose(0, 3, 1, 2)
 
@@ -60,9 +68,19 @@ def randomize_torch(module, seed=0, scale=0.3):
     return module
 
 
+def scalar_loss(outputs, projections):
+    """sum(output * r) over every output: no symmetry lets a gradient cancel out."""
+    outputs = keras.tree.flatten(outputs)
+    return sum(ops.sum(ops.cast(y, "float32") * r) for y, r in zip(outputs, projections))
+
+
 def gradients(model, x, weights):
-    """d(sum(model(x) * r))/d(weights) for a fixed random r, on the current backend."""
-    r = np.random.default_rng(1).normal(size=tuple(model(x).shape)).astype("float32")
+    """d(scalar_loss(model(x)))/d(weights) on the current backend."""
+    rng = np.random.default_rng(1)
+    r = [
+        rng.normal(size=tuple(y.shape)).astype("float32")
+        for y in keras.tree.flatten(model(x, training=True))
+    ]
     if BACKEND == "jax":
         import jax
 
@@ -71,21 +89,22 @@ def gradients(model, x, weights):
 
         def loss(tv):
             y, _ = model.stateless_call(tv, non_trainable, x, training=True)
-            return (y * r).sum()
+            return scalar_loss(y, r)
 
-        grads = dict(zip([id(v) for v in model.trainable_variables], jax.grad(loss)(trainable)))
+        grads = jax.jit(jax.grad(loss))(trainable)
+        grads = dict(zip([id(v) for v in model.trainable_variables], grads))
         return [grads[id(w)] for w in weights]
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(model(x, training=True) * r)
+            loss = scalar_loss(model(x, training=True), r)
         return tape.gradient(loss, weights)
     import torch
 
     for w in weights:
         w.value.grad = None
-    loss = (model(x, training=True) * torch.as_tensor(r)).sum()
+    loss = scalar_loss(model(x, training=True), [torch.as_tensor(a) for a in r])
     loss.backward()
     return [w.value.grad for w in weights]
 
@@ -110,11 +129,10 @@ def compiled_forward(model, x):
     return fn(torch.as_tensor(x))
 
 
-def template_task(config: dict, samples=96, seed=0):
+def template_task(model, classes, samples=96, seed=0):
     """A learnable synthetic task: class k is a fixed random image plus noise."""
     rng = np.random.default_rng(seed)
-    classes = config["num_classes"]
-    templates = rng.normal(size=(classes, *random_images(config, 1).shape[1:]))
+    templates = rng.normal(size=(classes, *random_images(model, 1).shape[1:]))
     labels = rng.integers(0, classes, size=samples)
     noise = rng.normal(size=(samples, *templates.shape[1:]))
     return (templates[labels] + 0.5 * noise).astype("float32"), labels.astype("int32")

@@ -105,3 +105,27 @@ def test_seed_example_and_faq_shapes():
     )
     assert tuple(v(np.zeros((1, 256, 128, 3), "float32")).shape) == (1, 1000)
     keras.utils.clear_session()
+
+
+def test_import_needs_no_other_backend():
+    """`import vitkit` and building a model load no backend that Keras itself did not load
+    (Keras imports jax when it is installed, whatever the backend): with only the session's
+    backend installed, nothing changes."""
+    import subprocess
+    import sys
+
+    others = sorted({"jax", "torch", "tensorflow"} - {keras.config.backend()})
+    code = (
+        "import sys, numpy as np, keras\n"
+        "before = set(sys.modules)\n"
+        "import vitkit\n"
+        "model = vitkit.create_model('vit', **vitkit.get_spec('vit').tiny)\n"
+        "model(np.zeros((1, 24, 20, 3), 'float32'))\n"
+        "print(vitkit.list_models())\n"
+        f"print(sorted(m for m in {others!r} if m in set(sys.modules) - before))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    models, loaded = out.stdout.strip().splitlines()[-2:]
+    assert "'vit'" in models
+    assert loaded == "[]", f"importing vitkit loaded {loaded}"
