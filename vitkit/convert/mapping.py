@@ -40,12 +40,59 @@ def _dense_kernel(array):  # torch Linear weight (out, in) -> Keras kernel (in, 
     return array.T
 
 
+def _conv_kernel(
+    array,
+):  # torch Conv2d (out, in / groups, kh, kw) -> Keras (kh, kw, in / groups, out)
+    return array.transpose(2, 3, 1, 0)
+
+
+def _conv1d_kernel(array):  # torch Conv1d (out, in / groups, k) -> Keras (k, in / groups, out)
+    return array.transpose(2, 1, 0)
+
+
+def _depthwise_kernel(multiplier):
+    """torch Conv2d(groups=in) weight (in * mult, 1, kh, kw), output channel i * mult + m
+    -> Keras DepthwiseConv2D kernel (kh, kw, in, mult)."""
+
+    def transform(array):
+        out, _, kh, kw = array.shape
+        return array.reshape(out // multiplier, multiplier, kh, kw).transpose(2, 3, 0, 1)
+
+    return transform
+
+
 def _leaves(layer) -> dict[str, tuple]:
     """State-dict names of one Keras layer's weights: {name: (variable, transform, torch shape)}."""
     if isinstance(layer, keras.layers.Dense):
         leaves = {"weight": (layer.kernel, _dense_kernel, tuple(layer.kernel.shape)[::-1])}
         if layer.use_bias:
             leaves["bias"] = (layer.bias, _same, tuple(layer.bias.shape))
+        return leaves
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kh, kw, c, m = layer.kernel.shape
+        leaves = {"weight": (layer.kernel, _depthwise_kernel(m), (c * m, 1, kh, kw))}
+        if layer.use_bias:
+            leaves["bias"] = (layer.bias, _same, tuple(layer.bias.shape))
+        return leaves
+    if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv1D)):
+        shape = tuple(layer.kernel.shape)
+        if isinstance(layer, keras.layers.Conv2D):
+            leaves = {"weight": (layer.kernel, _conv_kernel, (shape[3], shape[2], *shape[:2]))}
+        else:
+            leaves = {"weight": (layer.kernel, _conv1d_kernel, (shape[2], shape[1], shape[0]))}
+        if layer.use_bias:
+            leaves["bias"] = (layer.bias, _same, tuple(layer.bias.shape))
+        return leaves
+    if isinstance(layer, keras.layers.BatchNormalization):
+        leaves = {
+            "running_mean": (layer.moving_mean, _same, tuple(layer.moving_mean.shape)),
+            "running_var": (layer.moving_variance, _same, tuple(layer.moving_variance.shape)),
+            "num_batches_tracked": (None, _same, ()),  # torch's step counter: nothing here
+        }
+        if layer.scale:
+            leaves["weight"] = (layer.gamma, _same, tuple(layer.gamma.shape))
+        if layer.center:
+            leaves["bias"] = (layer.beta, _same, tuple(layer.beta.shape))
         return leaves
     if isinstance(layer, keras.layers.LayerNormalization):
         leaves = {}

@@ -15,13 +15,18 @@ LN_EPSILON = 1e-5  # torch.nn.LayerNorm's default, so numbers match vit-pytorch
 
 @keras.saving.register_keras_serializable(package="vitkit")
 class Attention(VitkitLayer):
-    """Pre-norm multi-head self-attention over tokens `(batch, n, dim)`.
+    """Pre-norm multi-head attention over tokens `(batch, n, dim)`.
 
     `LayerNorm -> one projection to q, k, v -> softmax(q k^T / sqrt(dim_head)) v -> output
     projection`. The product goes through `keras.ops.dot_product_attention`, so each backend
     runs its fused kernel. Variants that must see the attention matrix set `fusable = False`
     and override `transform_scores` (before the softmax) or `transform_attention` (after it);
     dropout on the attention weights also takes that explicit path, in training only.
+
+    With `separate_kv=True` the queries and the keys/values have their own projections
+    (`to_q`, `to_kv`), and `call(x, context=...)` attends from `x` to `[x, context]`: the keys
+    and values come from the normed `x` followed by the (un-normed) `context` tokens, as in
+    CaiT's class attention and CrossViT's cross attention.
 
     Args:
         dim: token width.
@@ -33,6 +38,7 @@ class Attention(VitkitLayer):
         out_bias: whether the output projection has a bias.
         qkv_bias: whether the q, k, v projection has a bias.
         norm: whether to LayerNorm the input first (pre-norm).
+        separate_kv: separate query and key/value projections; required for `context`.
     """
 
     fusable = True
@@ -47,6 +53,7 @@ class Attention(VitkitLayer):
         out_bias=True,
         qkv_bias=False,
         norm=True,
+        separate_kv=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -59,6 +66,7 @@ class Attention(VitkitLayer):
         self.out_bias = out_bias
         self.qkv_bias = qkv_bias
         self.norm = norm
+        self.separate_kv = separate_kv
 
         self.inner_dim = heads * dim_head
         self.scale = dim_head**-0.5
@@ -71,9 +79,17 @@ class Attention(VitkitLayer):
             if norm
             else None
         )
-        self.to_qkv = keras.layers.Dense(
-            3 * self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_qkv"
-        )
+        if separate_kv:
+            self.to_q = keras.layers.Dense(
+                self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_q"
+            )
+            self.to_kv = keras.layers.Dense(
+                2 * self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_kv"
+            )
+        else:
+            self.to_qkv = keras.layers.Dense(
+                3 * self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_qkv"
+            )
         self.attn_dropout = keras.layers.Dropout(dropout, dtype=policy)
         self.to_out = (
             keras.layers.Dense(dim, use_bias=out_bias, dtype=policy, name="to_out")
@@ -85,17 +101,31 @@ class Attention(VitkitLayer):
     def build(self, input_shape):
         if self.norm_layer is not None:
             self.norm_layer.build(input_shape)
-        self.to_qkv.build(input_shape)
+        if self.separate_kv:
+            self.to_q.build(input_shape)
+            self.to_kv.build(input_shape)
+        else:
+            self.to_qkv.build(input_shape)
         if self.to_out is not None:
             self.to_out.build((*input_shape[:-1], self.inner_dim))
 
     # The pieces, in the paper's order ------------------------------------------------------
 
-    def split_heads(self, qkv):
-        """(b, n, 3 * h * d) -> three tensors (b, n, h, d), the layout of dot_product_attention."""
-        shape = ops.shape(qkv)
-        qkv = ops.reshape(qkv, (-1, shape[1], 3, self.heads, self.dim_head))
-        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    def split_heads(self, x, parts):
+        """(b, n, parts * h * d) -> `parts` tensors (b, n, h, d), dot_product_attention's layout."""
+        x = ops.reshape(x, (-1, ops.shape(x)[1], parts, self.heads, self.dim_head))
+        return [x[:, :, i] for i in range(parts)]
+
+    def queries_keys_values(self, x, context=None):
+        """Normed tokens (and context) -> q (b, n, h, d), k and v (b, m, h, d)."""
+        if not self.separate_kv:
+            if context is not None:
+                raise ValueError(f"{self.name}: `context` needs `separate_kv=True`.")
+            return self.split_heads(self.to_qkv(x), 3)
+        source = x if context is None else ops.concatenate([x, context], axis=1)
+        (q,) = self.split_heads(self.to_q(x), 1)
+        k, v = self.split_heads(self.to_kv(source), 2)
+        return q, k, v
 
     def transform_scores(self, scores):
         """Hook on the scaled scores `(b, h, n_q, n_k)` before the softmax."""
@@ -131,18 +161,18 @@ class Attention(VitkitLayer):
             return out
         return self.out_dropout(self.to_out(out), training=training)
 
-    def call(self, x, training=None):
+    def call(self, x, context=None, training=None):
         if self.norm_layer is not None:
             x = self.norm_layer(x)
-        q, k, v = self.split_heads(self.to_qkv(x))
+        q, k, v = self.queries_keys_values(x, context)
         return self.project(self.attend(q, k, v, training=training), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
     def vit_pytorch_state_map(self, out="to_out.0"):
         """Our weights under vit-pytorch's names (`out`: where its output Linear sits)."""
-        names = {"to_qkv": self.to_qkv}
+        if self.separate_kv:
+            names = {"to_q": self.to_q, "to_kv": self.to_kv}
+        else:
+            names = {"to_qkv": self.to_qkv}
         if self.norm_layer is not None:
             names["norm"] = self.norm_layer
         if self.to_out is not None:

@@ -88,11 +88,6 @@ class PatchEmbedding(VitkitLayer):
         x = self.proj(x)
         return self.token_norm(x) if self.token_norm is not None else x
 
-    def compute_output_shape(self, input_shape):
-        h, w = input_shape[1:3] if self.data_format == "channels_last" else input_shape[2:4]
-        n = None if h is None or w is None else (h // self.patch_hw[0]) * (w // self.patch_hw[1])
-        return (input_shape[0], n, self.dim)
-
     def vit_pytorch_state_map(self):
         """vit-pytorch's `to_patch_embedding`: Rearrange, LayerNorm, Linear, LayerNorm."""
         names = {"2": self.proj}
@@ -122,10 +117,6 @@ class ClassToken(VitkitLayer):
         tokens = ops.broadcast_to(tokens[None], (batch, self.num_tokens, ops.shape(x)[-1]))
         return ops.concatenate([tokens, x], axis=1)
 
-    def compute_output_shape(self, input_shape):
-        n = None if input_shape[1] is None else input_shape[1] + self.num_tokens
-        return (input_shape[0], n, input_shape[2])
-
 
 @keras.saving.register_keras_serializable(package="vitkit")
 class LearnedPositionEmbedding(VitkitLayer):
@@ -153,9 +144,6 @@ class LearnedPositionEmbedding(VitkitLayer):
             )
         table = self.embedding if n == self.length else self.embedding[: ops.shape(x)[1]]
         return x + ops.cast(table, x.dtype)[None]
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
 
 def sincos_2d_table(height: int, width: int, dim: int, temperature: float = 10000.0):
@@ -193,9 +181,6 @@ class SinCosPositionEmbedding2D(VitkitLayer):
         table = sincos_2d_table(grid_size[0], grid_size[1], x.shape[-1], self.temperature)
         return x + ops.cast(table, x.dtype)[None]
 
-    def compute_output_shape(self, input_shape, grid_size=None):
-        return input_shape
-
 
 @keras.saving.register_keras_serializable(package="vitkit")
 class TokenPool(VitkitLayer):
@@ -207,6 +192,3 @@ class TokenPool(VitkitLayer):
 
     def call(self, x):
         return x[:, 0] if self.pool == "cls" else ops.mean(x, axis=1)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], input_shape[2])

@@ -55,9 +55,6 @@ class FeedForward(VitkitLayer):
         x = self.hidden_dropout(self.hidden(x), training=training)
         return self.out_dropout(self.out(x), training=training)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def vit_pytorch_state_map(self, hidden="net.1", out="net.4"):
         """Our weights under vit-pytorch's names (indices inside its `nn.Sequential`)."""
         names = {hidden: self.hidden, out: self.out}

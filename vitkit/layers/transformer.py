@@ -86,17 +86,14 @@ class Transformer(VitkitLayer):
         if self.norm is not None:
             self.norm.build(input_shape)
 
-    def residual_block(self, index, x, training=None):
-        x = self.attentions[index](x, training=training) + x
+    def residual_block(self, index, x, context=None, training=None):
+        x = self.attentions[index](x, context=context, training=training) + x
         return self.feed_forwards[index](x, training=training) + x
 
-    def call(self, x, training=None):
+    def call(self, x, context=None, training=None):
         for index in range(self.depth):
-            x = self.residual_block(index, x, training=training)
+            x = self.residual_block(index, x, context=context, training=training)
         return self.norm(x) if self.norm is not None else x
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
     def vit_pytorch_state_map(self, attention_out="to_out.0", ff_hidden="net.1", ff_out="net.4"):
         """Our weights under the names of vit-pytorch's `Transformer` (`layers.i.0` is the

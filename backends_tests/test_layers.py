@@ -1,0 +1,104 @@
+"""The shared blocks on their own: config round trips, and the weight mapping of each Keras
+layer type against the torch module it stands for."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import torch
+
+from backends_tests.helpers import as_numpy, randomize_torch, rel_err
+from vitkit import layers
+from vitkit.convert.mapping import flatten
+from vitkit.layers.utils import KERAS_BASE_KWARGS, constructor_args
+
+LAYERS = [
+    (layers.Attention, dict(dim=12, heads=3, dim_head=5), (2, 7, 12)),
+    (layers.Attention, dict(dim=12, heads=2, dim_head=4, separate_kv=True), (2, 7, 12)),
+    (layers.FeedForward, dict(dim=12, hidden_dim=17), (2, 7, 12)),
+    (layers.Transformer, dict(dim=12, depth=2, heads=3, dim_head=5, mlp_dim=17), (2, 7, 12)),
+    (layers.PatchEmbedding, dict(dim=12, patch_size=(2, 3)), (2, 6, 9, 3)),
+    (layers.ClassToken, dict(num_tokens=2), (2, 7, 12)),
+    (layers.LearnedPositionEmbedding, dict(length=9), (2, 7, 12)),
+    (layers.TokenPool, dict(pool="mean"), (2, 7, 12)),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, shape", LAYERS)
+def test_layer_config_round_trip_and_serialization(cls, kwargs, shape):
+    layer = cls(**kwargs)
+    x = np.random.default_rng(0).normal(size=shape).astype("float32")
+    y = as_numpy(layer(x))
+    config = layer.get_config()
+    assert set(config) == set(constructor_args(cls)) | KERAS_BASE_KWARGS
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(clone) is cls and clone.get_config() == config
+    assert clone.built  # the build config travels with the serialized layer
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_allclose(as_numpy(clone(x)), y, rtol=1e-6, atol=1e-6)
+
+
+def test_layers_reject_unknown_keywords():
+    with pytest.raises(TypeError, match="'heds'"):
+        layers.Attention(dim=8, heds=2)
+
+
+def _load(keras_layer, torch_module):
+    """Copy a torch module's state into a Keras layer through the converter's leaf rules."""
+    targets = flatten({"m": keras_layer})
+    state = {f"m.{k}": v.detach().numpy() for k, v in torch_module.state_dict().items()}
+    assert set(targets) == set(state)
+    for key, target in targets.items():
+        assert tuple(state[key].shape) == target.torch_shape, key
+        if target.variable is not None:
+            target.variable.assign(target.to_keras(state[key]))
+
+
+def test_conv2d_weights_map_from_torch():
+    ref = randomize_torch(torch.nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=0, groups=2))
+    ours = keras.layers.Conv2D(6, (3, 2), strides=(1, 2), groups=2)
+    x = np.random.default_rng(0).normal(size=(2, 4, 7, 8)).astype("float32")
+    ours.build((None, 7, 8, 4))
+    _load(ours, ref)
+    expected = ref(torch.from_numpy(x)).detach().numpy().transpose(0, 2, 3, 1)
+    assert rel_err(as_numpy(ours(x.transpose(0, 2, 3, 1))), expected) < 1e-5
+
+
+def test_depthwise_conv_weights_map_from_torch():
+    ref = randomize_torch(torch.nn.Conv2d(3, 6, 3, padding=1, groups=3))
+    ours = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2)
+    x = np.random.default_rng(0).normal(size=(2, 3, 5, 6)).astype("float32")
+    ours.build((None, 5, 6, 3))
+    _load(ours, ref)
+    expected = ref(torch.from_numpy(x)).detach().numpy().transpose(0, 2, 3, 1)
+    assert rel_err(as_numpy(ours(x.transpose(0, 2, 3, 1))), expected) < 1e-5
+
+
+def test_batch_norm_statistics_map_from_torch():
+    ref = randomize_torch(torch.nn.BatchNorm2d(5)).eval()
+    ours = keras.layers.BatchNormalization(epsilon=1e-5)
+    ours.build((None, 4, 4, 5))
+    _load(ours, ref)
+    x = np.random.default_rng(0).normal(size=(2, 5, 4, 4)).astype("float32")
+    expected = ref(torch.from_numpy(x)).detach().numpy().transpose(0, 2, 3, 1)
+    got = as_numpy(ours(x.transpose(0, 2, 3, 1), training=False))
+    assert rel_err(got, expected) < 1e-5
+
+
+def test_cross_attention_matches_vit_pytorch_cross_vit_attention():
+    """`separate_kv` + `context`: keys and values over [normed x, context], as CrossViT's
+    attention with `kv_include_self=True`."""
+    from vit_pytorch.cross_vit import Attention as Reference
+
+    ref = randomize_torch(Reference(12, heads=3, dim_head=5)).eval()
+    ours = layers.Attention(12, heads=3, dim_head=5, separate_kv=True)
+    ours.build((None, 1, 12))
+    _load(ours, ref)  # CrossViT's names are ours: norm, to_q, to_kv, to_out.0
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 1, 12)).astype("float32")
+    context = rng.normal(size=(2, 6, 12)).astype("float32")
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x), torch.from_numpy(context), kv_include_self=True)
+    got = as_numpy(ours(x, context=context))
+    assert rel_err(got, expected.numpy()) < 1e-5
