@@ -102,3 +102,15 @@ def test_cross_attention_matches_vit_pytorch_cross_vit_attention():
         expected = ref(torch.from_numpy(x), torch.from_numpy(context), kv_include_self=True)
     got = as_numpy(ours(x, context=context))
     assert rel_err(got, expected.numpy()) < 1e-5
+
+
+def test_reshaped_variables_map_from_the_reference_layout():
+    from vitkit.convert import Reshaped
+
+    norm = keras.layers.LayerNormalization(epsilon=1e-5)
+    norm.build((None, 4, 4, 5))
+    targets = flatten({"g": Reshaped(norm.gamma, (1, 5, 1, 1))})
+    assert targets["g"].torch_shape == (1, 5, 1, 1)
+    values = np.arange(5, dtype="float32").reshape(1, 5, 1, 1)
+    targets["g"].variable.assign(targets["g"].to_keras(values))
+    np.testing.assert_array_equal(as_numpy(norm.gamma), np.arange(5))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import keras
 import numpy as np
@@ -19,6 +20,15 @@ class Empty:
     """A reference key that holds an empty tensor of `shape` and has no counterpart here
     (vit-pytorch's `(0, dim)` class token when `pool="mean"`)."""
 
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class Reshaped:
+    """A variable the reference stores in another shape with the same elements, e.g. a
+    channel LayerNorm's gain kept as `(1, C, 1, 1)` where ours is `(C,)`."""
+
+    variable: object
     shape: tuple
 
 
@@ -34,6 +44,10 @@ class Target:
 
 def _same(array):
     return array
+
+
+def _reshape(array, shape):
+    return array.reshape(shape)
 
 
 def _dense_kernel(array):  # torch Linear weight (out, in) -> Keras kernel (in, out)
@@ -116,6 +130,9 @@ def flatten(names: dict, prefix: str = "") -> dict[str, Target]:
             flat.update(flatten(value, path + "."))
         elif isinstance(value, Empty):
             flat[path] = Target(None, tuple(value.shape), _same)
+        elif isinstance(value, Reshaped):
+            shape = tuple(value.variable.shape)
+            flat[path] = Target(value.variable, tuple(value.shape), partial(_reshape, shape=shape))
         elif isinstance(value, keras.Variable):
             flat[path] = Target(value, tuple(value.shape), _same)
         elif hasattr(value, "vit_pytorch_state_map"):
