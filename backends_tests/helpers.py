@@ -31,7 +31,7 @@ def random_images(model_or_config, batch, seed=0, data_format=None, size=None):
         data_format = data_format or model.get("data_format", "channels_last")
     else:
         h, w = size or model.image_hw
-        c = model.channels
+        c = model.input_channels
         data_format = data_format or model.data_format
     x = np.random.default_rng(seed).normal(size=(batch, h, w, c)).astype("float32")
     return x if data_format == "channels_last" else x.transpose(0, 3, 1, 2)

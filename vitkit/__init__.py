@@ -8,14 +8,17 @@ model = vitkit.create_model("vit_small_patch16_224", num_classes=10)
 """
 
 from vitkit import convert, layers, models
+from vitkit.exporting import ExportError, export
 from vitkit.registry import create_model, get_spec, list_models, list_presets, register_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "ExportError",
     "convert",
     "create_model",
+    "export",
     "get_spec",
     "layers",
     "list_models",

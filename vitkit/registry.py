@@ -27,6 +27,7 @@ class ModelSpec:
         invalid: `(overrides of tiny, name of the parameter the ValueError must name)` pairs.
         reference: the vit-pytorch class, `"module.Class"` under `vit_pytorch`.
         digits: a configuration suited to the 8x8 digits data (`vitkit train`).
+        export_gaps: `{format: reason}` for export formats this architecture cannot reach.
     """
 
     name: str
@@ -37,6 +38,7 @@ class ModelSpec:
     invalid: tuple = ()
     reference: str | None = None
     digits: dict | None = None
+    export_gaps: dict = field(default_factory=dict)
 
 
 _MODELS: dict[str, ModelSpec] = {}
@@ -52,6 +54,7 @@ def register_model(
     name: str | None = None,
     reference: str | None = None,
     digits: dict | None = None,
+    export_gaps: dict | None = None,
 ):
     """Class decorator that registers an architecture under its module's name."""
 
@@ -68,6 +71,7 @@ def register_model(
             invalid=tuple(invalid),
             reference=reference or f"{arch}.{cls.__name__}",
             digits=dict(digits) if digits is not None else None,
+            export_gaps=dict(export_gaps or {}),
         )
         _MODELS[arch] = spec
         for preset in spec.presets:
@@ -105,6 +109,15 @@ def get_spec(name: str) -> ModelSpec:
         known = ", ".join(sorted(_MODELS) + sorted(_PRESETS))
         raise ValueError(f"unknown model or preset {name!r}; known: {known}.")
     return _MODELS[arch]
+
+
+def spec_of(model) -> ModelSpec | None:
+    """The `ModelSpec` whose class `model` is an instance of (None for unregistered models)."""
+    _load_all()
+    for spec in _MODELS.values():
+        if type(model) is spec.cls:
+            return spec
+    return None
 
 
 def create_model(name: str, **kwargs):
