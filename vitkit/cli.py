@@ -55,10 +55,7 @@ def model_config(name, num_classes, channels, image_size=None, overrides=None):
         spec = get_spec(name)
     except ValueError as err:
         raise CLIError(str(err)) from None
-    if name in spec.presets:
-        config = dict(spec.presets[name])
-    else:
-        config = dict(spec.digits or spec.tiny)
+    config = dict(spec.presets.get(name, spec.digits or spec.tiny))
     args = set(constructor_args(spec.cls))
     if "num_classes" in args:
         config["num_classes"] = num_classes
