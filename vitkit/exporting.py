@@ -65,7 +65,15 @@ def _via_tensorflow(model, path, format, input_shape):
         source = Path(tmp) / "model.keras"
         model.save(source)
         shape = json.dumps(list(input_shape) if input_shape else None)
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        # The child imports this same vitkit, installed or not.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        env = {
+            **os.environ,
+            "KERAS_BACKEND": "tensorflow",
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            "PYTHONPATH": pythonpath,
+        }
         command = [sys.executable, "-m", "vitkit.exporting", str(source), str(path), format, shape]
         result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
