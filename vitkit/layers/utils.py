@@ -131,6 +131,21 @@ def patchify(images, patch_size: Sequence[int], data_format: str = "channels_las
     return ops.reshape(x, (b, (hh // p1) * (ww // p2), p1 * p2 * c))
 
 
+def zero_pad(x, axis: int, before: int = 0, after: int = 0):
+    """`x` with `before` and `after` zeros along `axis`.
+
+    Concatenated zeros rather than `ops.pad`: under torch.compile(fullgraph=True), a Keras
+    layer called after `ops.pad` breaks the graph ("mapping proxy affected by dictionary
+    mutation", torch 2.13 with Keras 3.15).
+    """
+    zeros = ops.zeros_like(ops.take(x, [0], axis=axis))  # one slice of zeros
+    parts = [ops.repeat(zeros, before, axis=axis)] if before else []
+    parts.append(x)
+    if after:
+        parts.append(ops.repeat(zeros, after, axis=axis))
+    return ops.concatenate(parts, axis=axis) if len(parts) > 1 else x
+
+
 def unfold(images, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int]):
     """`torch.nn.Unfold` for channels-last images: every (kh, kw) window, zero padding.
 
@@ -139,7 +154,7 @@ def unfold(images, kernel_size: Sequence[int], stride: Sequence[int], padding: S
     kernel offset: static shapes, no gather, no patch-extraction convolution.
     """
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    x = ops.pad(images, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    x = zero_pad(zero_pad(images, 1, ph, ph), 2, pw, pw)
     _, hh, ww, c = x.shape
     oh, ow = (hh - kh) // sh + 1, (ww - kw) // sw + 1
     windows = [

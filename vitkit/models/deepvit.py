@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+from keras import ops
 
 from vitkit.layers import Attention, Transformer, mix_heads
 from vitkit.layers.attention import LN_EPSILON
@@ -28,13 +29,16 @@ class ReAttention(Attention):
         )
         # Made here, not in __init__: ReAttention keeps Attention's constructor (and config).
         self.reattn_norm = keras.layers.LayerNormalization(
-            axis=1, epsilon=LN_EPSILON, dtype=self.dtype_policy, name="reattn_norm"
+            epsilon=LN_EPSILON, dtype=self.dtype_policy, name="reattn_norm"
         )
-        self.reattn_norm.build((None, self.heads, None, None))
+        self.reattn_norm.build((None, None, None, self.heads))
 
     def transform_attention(self, attn):
-        # (b, h, i, j): mix heads, then LayerNorm over the head axis
-        return self.reattn_norm(mix_heads(attn, self.reattn_weights))
+        attn = mix_heads(attn, self.reattn_weights)  # (b, h, i, j)
+        # LayerNorm over the heads: moved last (Keras' torch backend normalizes the last axis
+        # whatever `axis` says)
+        attn = self.reattn_norm(ops.transpose(attn, (0, 2, 3, 1)))  # (b, i, j, h)
+        return ops.transpose(attn, (0, 3, 1, 2))
 
     def vit_pytorch_state_map(self, out="to_out.0"):
         return {

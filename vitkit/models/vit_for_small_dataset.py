@@ -7,7 +7,14 @@ import keras
 from keras import ops
 
 from vitkit.layers import LocalitySelfAttention, PatchEmbedding, Transformer, VitkitLayer
-from vitkit.layers.utils import DATA_FORMATS, check_choice, check_int, check_pair, to_channels_last
+from vitkit.layers.utils import (
+    DATA_FORMATS,
+    check_choice,
+    check_int,
+    check_pair,
+    to_channels_last,
+    zero_pad,
+)
 from vitkit.models.classic_vit import ClassicViT
 from vitkit.registry import register_model
 
@@ -17,16 +24,13 @@ def shifted_copies(images):
     (zeros fill the gap), stacked on the channel axis in vit-pytorch's order:
     `(b, h, w, c) -> (b, h, w, 5 c)`."""
 
-    def pad(x, top=0, bottom=0, left=0, right=0):
-        return ops.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-
     return ops.concatenate(
         [
             images,
-            pad(images[:, :, :-1], left=1),  # shifted right
-            pad(images[:, :, 1:], right=1),  # shifted left
-            pad(images[:, :-1], top=1),  # shifted down
-            pad(images[:, 1:], bottom=1),  # shifted up
+            zero_pad(images[:, :, :-1], axis=2, before=1),  # shifted right
+            zero_pad(images[:, :, 1:], axis=2, after=1),  # shifted left
+            zero_pad(images[:, :-1], axis=1, before=1),  # shifted down
+            zero_pad(images[:, 1:], axis=1, after=1),  # shifted up
         ],
         axis=-1,
     )
