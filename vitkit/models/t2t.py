@@ -14,6 +14,7 @@ from vitkit.layers.utils import (
     check_int,
     check_pair,
     check_rate,
+    plain,
     to_channels_last,
     unfold,
 )
@@ -271,7 +272,7 @@ class T2TViT(VitkitModel):
         config = super().get_config()
         # the argument as given: None for the built-in encoder, else the serialized layer
         config["transformer"] = (
-            keras.saving.serialize_keras_object(self.transformer)
+            plain(keras.saving.serialize_keras_object(self.transformer))
             if self._transformer_given
             else None
         )
