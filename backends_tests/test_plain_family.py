@@ -67,6 +67,36 @@ def test_block_config_round_trip_and_serialization(cls, kwargs, shape):
     check_layer_round_trip(cls, kwargs, shape)
 
 
+def test_parallel_transformer_refuses_options_it_does_not_wire():
+    with pytest.raises(TypeError, match="'layer_scale'"):
+        ParallelTransformer(12, 2, 3, 5, 17, layer_scale=True)
+
+
+def test_every_vitkit_class_has_its_own_registered_name():
+    """Keras keeps one class per registered name and silently replaces an earlier one: two
+    vitkit classes named alike (three modules define a `ViT`) must register apart, or loading
+    a saved model rebuilds the wrong class."""
+    import importlib
+    import pkgutil
+
+    import vitkit.layers
+    import vitkit.models
+
+    abstract = {"VitkitLayer", "VitkitModel", "ClassicViT"}  # bases, never built themselves
+    for package in (vitkit.layers, vitkit.models):
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            for cls in vars(module).values():
+                if (
+                    isinstance(cls, type)
+                    and issubclass(cls, keras.layers.Layer)
+                    and cls.__module__ == module.__name__
+                    and cls.__name__ not in abstract
+                ):
+                    name = keras.saving.get_registered_name(cls)
+                    assert keras.saving.get_registered_object(name) is cls, (cls, name)
+
+
 # --- constructors: vit-pytorch's keyword arguments and defaults, plus data_format ----------
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 
 from vitkit.layers import PatchEmbedding, Transformer
-from vitkit.layers.utils import check_int
+from vitkit.layers.utils import check_int, reject_unknown_kwargs
 from vitkit.models.classic_vit import ClassicViT
 from vitkit.registry import register_model
 
@@ -36,6 +36,8 @@ class ParallelTransformer(Transformer):
         final_norm=True,
         **kwargs,
     ):
+        # Transformer's other options (layer_scale, ...) are not this stack's: a TypeError.
+        reject_unknown_kwargs(type(self).__name__, kwargs)
         # Set first: the base constructor builds the blocks, which need it.
         self.num_parallel_branches = check_int(
             "num_parallel_branches", num_parallel_branches, owner=type(self).__name__
