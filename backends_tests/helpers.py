@@ -109,23 +109,26 @@ def gradients(model, x, weights):
     return [w.value.grad for w in weights]
 
 
-def compiled_forward(model, x):
-    """The model's forward pass compiled: XLA on JAX and TensorFlow, torch.compile on torch."""
+def compiled_forward(model, x, **kwargs):
+    """The model's forward pass compiled: XLA on JAX and TensorFlow, torch.compile on torch.
+    `kwargs` go to the call, as constants."""
     if BACKEND == "jax":
         import jax
 
         tv = [v.value for v in model.trainable_variables]
         ntv = [v.value for v in model.non_trainable_variables]
-        fn = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x)[0])
+        fn = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, **kwargs)[0])
         return fn(tv, ntv, x)
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(lambda x: model(x, training=False), jit_compile=True)(x)
+        return tf.function(lambda x: model(x, training=False, **kwargs), jit_compile=True)(x)
     import torch
 
     # aot_eager: dynamo capture + AOT autograd tracing, without a C++ toolchain.
-    fn = torch.compile(lambda x: model(x, training=False), backend="aot_eager", fullgraph=True)
+    fn = torch.compile(
+        lambda x: model(x, training=False, **kwargs), backend="aot_eager", fullgraph=True
+    )
     return fn(torch.as_tensor(x))
 
 
