@@ -362,38 +362,8 @@ def build_parser():
     return parser
 
 
-def _import_backend_quietly():
-    """Import Keras (and so the backend) with file descriptor 2 parked in a temporary file.
-
-    TensorFlow's C++ runtime writes start-up notices (oneDNN, CPU features, absl) straight to
-    the process's stderr, past Python's `sys.stderr` and regardless of `TF_CPP_MIN_LOG_LEVEL`.
-    A command whose errors are one line must not print them; if the import itself fails, what
-    was captured is written back so nothing is lost.
-    """
-    import tempfile
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as parked:
-        os.dup2(parked.fileno(), 2)
-        try:
-            import keras  # noqa: F401
-
-            import vitkit.models  # noqa: F401
-        except BaseException:
-            os.dup2(saved, 2)
-            parked.seek(0)
-            sys.stderr.write(parked.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _import_backend_quietly()
     try:
         args.run(args)
     except KeyboardInterrupt:
