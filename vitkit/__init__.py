@@ -7,9 +7,19 @@ model = vitkit.create_model("vit_small_patch16_224", num_classes=10)
 ```
 """
 
-from vitkit import convert, layers, models
-from vitkit.exporting import ExportError, export
-from vitkit.registry import create_model, get_spec, list_models, list_presets, register_model
+from vitkit._quiet import import_keras
+
+import_keras()
+
+from vitkit import convert, layers, models  # noqa: E402
+from vitkit.exporting import ExportError, export  # noqa: E402
+from vitkit.registry import (  # noqa: E402
+    create_model,
+    get_spec,
+    list_models,
+    list_presets,
+    register_model,
+)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,56 @@
+"""Import Keras without TensorFlow's C++ start-up notices.
+
+With the TensorFlow backend, the first `import tensorflow` makes its C++ runtime print notices
+(oneDNN, CPU features, absl's pre-initialization warning) straight to the process's file
+descriptor 2, past Python's `sys.stderr` and regardless of `TF_CPP_MIN_LOG_LEVEL`. They drown
+the one-line errors of the `vitkit` command and the output of scripts. While Keras is imported,
+descriptor 2 is parked in a temporary file; the known notices are dropped and anything else
+is written back. `VITKIT_TF_NOTICES=1` leaves the import alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+
+NOTICES = re.compile(
+    r"(All log messages before absl::InitializeLog\(\) is called"
+    r"|oneDNN custom operations are on"
+    r"|cpu_feature_guard\.cc"
+    r"|^To enable the following instructions:.*rebuild TensorFlow"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory"
+    r"|computation placer already registered"
+    r"|TF-TRT Warning)"
+)
+
+
+def import_keras():
+    """`import keras`, with TensorFlow's start-up notices filtered out of stderr."""
+    if "keras" in sys.modules or os.environ.get("VITKIT_TF_NOTICES"):
+        import keras  # noqa: F401
+
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real descriptor 2 (some embedded interpreters)
+        import keras  # noqa: F401
+
+        return
+    with tempfile.TemporaryFile() as parked:
+        os.dup2(parked.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            parked.seek(0)
+            kept = [
+                line
+                for line in parked.read().decode(errors="replace").splitlines()
+                if not NOTICES.search(line)
+            ]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
