@@ -26,8 +26,35 @@ NOTICES = re.compile(
 )
 
 
+def _pick_installed_backend():
+    """With no `KERAS_BACKEND`, Keras takes the backend keras.json names, TensorFlow by default
+    (and writes that file on its first import), even where only JAX or torch is installed: its
+    import then fails. If the backend it would take is not installed, take one that is."""
+    import importlib.util
+    import json
+
+    if os.environ.get("KERAS_BACKEND"):
+        return
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    try:
+        with open(os.path.join(keras_home, "keras.json")) as f:
+            configured = json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        configured = "tensorflow"
+    if configured not in ("tensorflow", "jax", "torch"):
+        return  # numpy, openvino, ...: Keras' own business
+    if importlib.util.find_spec(configured) is not None:
+        return
+    for backend in ("jax", "torch", "tensorflow"):
+        if importlib.util.find_spec(backend) is not None:
+            os.environ["KERAS_BACKEND"] = backend
+            return
+
+
 def import_keras():
     """`import keras`, with TensorFlow's start-up notices filtered out of stderr."""
+    if "keras" not in sys.modules:
+        _pick_installed_backend()
     if "keras" in sys.modules or os.environ.get("VITKIT_TF_NOTICES"):
         import keras  # noqa: F401
 
