@@ -8,7 +8,6 @@ from keras import ops
 
 from vitkit.layers.backend_quirks import FLASH_ATTENTION
 from vitkit.layers.base import VitkitLayer
-from vitkit.layers.utils import check_int, check_rate
 
 LN_EPSILON = 1e-5  # torch.nn.LayerNorm's default, so numbers match vit-pytorch
 # Score of a masked key: vit-pytorch fills with -finfo(float32).max, so a row with every key
@@ -67,16 +66,7 @@ class Attention(VitkitLayer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        owner = type(self).__name__
-        self.dim = check_int("dim", dim, owner=owner)
-        self.heads = check_int("heads", heads, owner=owner)
-        self.dim_head = check_int("dim_head", dim_head, owner=owner)
-        self.dropout = check_rate("dropout", dropout, owner=owner)
-        self.project_out = project_out
-        self.out_bias = out_bias
-        self.qkv_bias = qkv_bias
-        self.norm = norm
-        self.separate_kv = separate_kv
+        self.keep_args(locals())
 
         self.inner_dim = heads * dim_head
         self.scale = dim_head**-0.5

@@ -123,6 +123,13 @@ ARG_RULES = {
     "data_format": one_of(*DATA_FORMATS),
     "image_size": as_given,
     "patch_size": as_given,
+    "hidden_dim": integer(),
+    # the blocks' switches, kept as given
+    **dict.fromkeys(
+        ("project_out", "out_bias", "qkv_bias", "norm", "separate_kv", "final_norm")
+        + ("layer_scale", "activation"),
+        as_given,
+    ),
 }
 
 

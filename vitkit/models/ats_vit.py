@@ -279,21 +279,12 @@ class ViT(ViTLayout):
     vit-pytorch draws it afresh on every call).
 
     Args:
-        image_size: int or (height, width). Smaller images work too, if both sides are
-            divisible by the patch; they use the first rows of the position table.
-        patch_size: int or (height, width); must divide `image_size`.
-        num_classes: number of outputs.
-        dim: token width.
-        depth: number of transformer blocks.
         max_tokens_per_depth: the most patch tokens each block keeps: `depth` integers >= 1,
             non-increasing. A block samples when it is given more.
-        heads: attention heads per block.
-        mlp_dim: hidden width of each feed-forward block.
-        channels: image channels.
-        dim_head: width of each attention head.
-        dropout: dropout inside the transformer.
-        emb_dropout: dropout on the embedded tokens.
-        data_format: `"channels_last"` (b, h, w, c) or `"channels_first"` (b, c, h, w).
+        Everything else as `vitkit.models.vit.ViT` (no `pool`: the class token is classified;
+        `num_classes` >= 1): `image_size`, `patch_size`, `num_classes`, `dim`, `depth`,
+        `heads`, `mlp_dim`, `channels=3`, `dim_head=64`, `dropout=0.0`, `emb_dropout=0.0`,
+        `data_format="channels_last"`.
 
     Example:
         >>> v = ViT(image_size=256, patch_size=16, num_classes=1000, dim=1024, depth=6,

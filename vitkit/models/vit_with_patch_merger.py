@@ -146,22 +146,13 @@ class ViT(ViTLayout):
     averaged for the head.
 
     Args:
-        image_size: int or (height, width). Smaller images work too, if both sides are
-            divisible by the patch; they use the first rows of the position table.
-        patch_size: int or (height, width); must divide `image_size`.
-        num_classes: number of outputs.
-        dim: token width.
-        depth: number of transformer blocks.
-        heads: attention heads per block.
-        mlp_dim: hidden width of each feed-forward block.
         patch_merge_layer: the block (1 to `depth`) after which tokens are merged; `None`
             means `depth // 2` (with `depth=1`: no merge, as in vit-pytorch).
         patch_merge_num_tokens: tokens after the merge.
-        channels: image channels.
-        dim_head: width of each attention head.
-        dropout: dropout inside the transformer.
-        emb_dropout: dropout on the embedded tokens.
-        data_format: `"channels_last"` (b, h, w, c) or `"channels_first"` (b, c, h, w).
+        Everything else as `vitkit.models.vit.ViT` (no `pool`: the tokens are averaged;
+        `num_classes` >= 1): `image_size`, `patch_size`, `num_classes`, `dim`, `depth`,
+        `heads`, `mlp_dim`, `channels=3`, `dim_head=64`, `dropout=0.0`, `emb_dropout=0.0`,
+        `data_format="channels_last"`.
 
     Example:
         >>> v = ViT(image_size=256, patch_size=16, num_classes=1000, dim=1024, depth=12,
