@@ -15,6 +15,13 @@ LN_EPSILON = 1e-5  # torch.nn.LayerNorm's default, so numbers match vit-pytorch
 MASKED_SCORE = -3.4028234663852886e38
 
 
+def layer_norm(name: str, dtype, enabled: bool = True):
+    """torch's `nn.LayerNorm` (epsilon 1e-5) as a Keras layer; None when not `enabled`."""
+    if not enabled:
+        return None
+    return keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=dtype, name=name)
+
+
 @keras.saving.register_keras_serializable(package="vitkit")
 class Attention(VitkitLayer):
     """Pre-norm multi-head attention over tokens `(batch, n, dim)`.
@@ -74,11 +81,7 @@ class Attention(VitkitLayer):
             not (heads == 1 and dim_head == dim) if project_out is None else bool(project_out)
         )
         policy = self.dtype_policy
-        self.norm_layer = (
-            keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=policy, name="norm")
-            if norm
-            else None
-        )
+        self.norm_layer = layer_norm("norm", policy, norm)
         if separate_kv:
             self.to_q = keras.layers.Dense(
                 self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_q"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.attention import layer_norm
 from vitkit.layers.backend_quirks import GELU
 from vitkit.layers.base import VitkitLayer
 
@@ -26,11 +26,7 @@ class FeedForward(VitkitLayer):
         self.keep_args(locals())
 
         policy = self.dtype_policy
-        self.norm_layer = (
-            keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=policy, name="norm")
-            if norm
-            else None
-        )
+        self.norm_layer = layer_norm("norm", policy, norm)
         # "gelu" is the exact (erf) GELU, in a form every backend can also export.
         self.hidden = keras.layers.Dense(
             hidden_dim,

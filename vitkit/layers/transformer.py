@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from vitkit.convert.mapping import Reshaped
-from vitkit.layers.attention import LN_EPSILON, Attention
+from vitkit.layers.attention import Attention, layer_norm
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.feed_forward import FeedForward
 from vitkit.layers.layer_scale import LayerScale, layer_scale_init
@@ -66,13 +66,7 @@ class Transformer(VitkitLayer):
             else None
         )
         self.seed_generator = keras.random.SeedGenerator() if self.layer_dropout else None
-        self.norm = (
-            keras.layers.LayerNormalization(
-                epsilon=LN_EPSILON, dtype=self.dtype_policy, name="norm"
-            )
-            if final_norm
-            else None
-        )
+        self.norm = layer_norm("norm", self.dtype_policy, final_norm)
 
     def make_attention(self, index, **options):
         """Block `index`'s attention: `attention_class` with this stack's sizes; `options`

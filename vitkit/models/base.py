@@ -9,7 +9,7 @@ from keras import ops
 
 from vitkit.convert.mapping import Reshaped
 from vitkit.layers import ClassToken, LearnedPositionEmbedding, PatchEmbedding, TokenPool
-from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.attention import layer_norm
 from vitkit.layers.base import ConfigMixin
 from vitkit.layers.utils import (
     DATA_FORMATS,
@@ -163,11 +163,7 @@ class ViTLayout(VitkitModel):
         self.embedding_dropout = keras.layers.Dropout(self.emb_dropout, dtype=policy)
         self.transformer = self.make_transformer()
         self.pooling = TokenPool(self.pool, dtype=policy, name="pool")
-        self.head_norm = (
-            keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=policy, name="head_norm")
-            if self.norm_before_head
-            else None
-        )
+        self.head_norm = layer_norm("head_norm", policy, self.norm_before_head)
         self.head = (
             keras.layers.Dense(self.num_classes, dtype=policy, name="head")
             if self.num_classes

@@ -12,7 +12,7 @@ from vitkit.layers import (
     TalkingHeadsAttention,
     Transformer,
 )
-from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.attention import layer_norm
 from vitkit.layers.utils import integer
 from vitkit.models.base import VitkitModel
 from vitkit.models.vit import ViT
@@ -159,9 +159,7 @@ class CaiT(VitkitModel):
         self.patch_transformer = stack(depth, "patch_transformer")
         self.cls_transformer = stack(cls_depth, "cls_transformer")
         self.cls_token = ClassToken(dtype=policy, name="cls_token")
-        self.head_norm = keras.layers.LayerNormalization(
-            epsilon=LN_EPSILON, dtype=policy, name="head_norm"
-        )
+        self.head_norm = layer_norm("head_norm", policy)
         self.head = keras.layers.Dense(num_classes, dtype=policy, name="head")
 
     # The same sizes as ViT: at most `image_size`, divisible by the patch.

@@ -7,7 +7,7 @@ import keras
 from keras import ops
 
 from vitkit.layers import Transformer, VitkitLayer
-from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.attention import layer_norm
 from vitkit.layers.utils import check_int, integer, optional
 from vitkit.models.base import ViTLayout
 from vitkit.registry import register_model
@@ -37,9 +37,7 @@ class PatchMerger(VitkitLayer):
         self.dim = check_int("dim", dim, owner=owner)
         self.num_tokens_out = check_int("num_tokens_out", num_tokens_out, owner=owner)
         self.scale = dim**-0.5
-        self.norm_layer = keras.layers.LayerNormalization(
-            epsilon=LN_EPSILON, dtype=self.dtype_policy, name="norm"
-        )
+        self.norm_layer = layer_norm("norm", self.dtype_policy)
 
     def build(self, input_shape):
         if input_shape[-1] != self.dim:
