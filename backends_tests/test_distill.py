@@ -88,20 +88,13 @@ def test_soft_and_hard_distillation_give_different_losses():
     assert np.all(np.isfinite(losses)) and abs(losses[0] - losses[1]) > 1e-3, losses
 
 
-def reference_distiller(hard, mlp_layernorm, temperature, alpha):
+def reference_distiller(**options):
     from vit_pytorch.distill import DistillableViT as RefStudent
     from vit_pytorch.distill import DistillWrapper as RefWrapper
     from vit_pytorch.vit import ViT as RefViT
 
     torch.manual_seed(0)
-    ref = RefWrapper(
-        student=RefStudent(**STUDENT),
-        teacher=RefViT(**TEACHER),
-        temperature=temperature,
-        alpha=alpha,
-        hard=hard,
-        mlp_layernorm=mlp_layernorm,
-    )
+    ref = RefWrapper(student=RefStudent(**STUDENT), teacher=RefViT(**TEACHER), **options)
     return randomize_torch(ref, scale=0.5).eval()
 
 
@@ -110,15 +103,9 @@ def reference_distiller(hard, mlp_layernorm, temperature, alpha):
     [(False, False, 3.0, 0.5), (False, True, 0.7, 0.8), (True, True, 1.0, 0.3)],
 )
 def test_loss_matches_vit_pytorch(hard, mlp_layernorm, temperature, alpha):
-    ref = reference_distiller(hard, mlp_layernorm, temperature, alpha)
-    ours = DistillWrapper(
-        student=DistillableViT(**STUDENT),
-        teacher=ViT(**TEACHER),
-        temperature=temperature,
-        alpha=alpha,
-        hard=hard,
-        mlp_layernorm=mlp_layernorm,
-    )
+    options = dict(hard=hard, mlp_layernorm=mlp_layernorm, temperature=temperature, alpha=alpha)
+    ref = reference_distiller(**options)
+    ours = DistillWrapper(student=DistillableViT(**STUDENT), teacher=ViT(**TEACHER), **options)
     from_vit_pytorch(ours, ref.state_dict())
     rng = np.random.default_rng(3)
     x = rng.normal(size=(4, 3, 16, 12)).astype("float32")

@@ -55,21 +55,26 @@ def _load(keras_layer, torch_module):
             target.variable.assign(target.to_keras(state[key]))
 
 
-def test_conv2d_weights_map_from_torch():
-    ref = randomize_torch(torch.nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=0, groups=2))
-    ours = keras.layers.Conv2D(6, (3, 2), strides=(1, 2), groups=2)
-    x = np.random.default_rng(0).normal(size=(2, 4, 7, 8)).astype("float32")
-    ours.build((None, 7, 8, 4))
-    _load(ours, ref)
-    expected = ref(torch.from_numpy(x)).detach().numpy().transpose(0, 2, 3, 1)
-    assert rel_err(as_numpy(ours(x.transpose(0, 2, 3, 1))), expected) < 1e-5
-
-
-def test_depthwise_conv_weights_map_from_torch():
-    ref = randomize_torch(torch.nn.Conv2d(3, 6, 3, padding=1, groups=3))
-    ours = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2)
-    x = np.random.default_rng(0).normal(size=(2, 3, 5, 6)).astype("float32")
-    ours.build((None, 5, 6, 3))
+@pytest.mark.parametrize(
+    "make_ref, make_ours, shape",
+    [
+        (  # grouped, strided convolution
+            lambda: torch.nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=0, groups=2),
+            lambda: keras.layers.Conv2D(6, (3, 2), strides=(1, 2), groups=2),
+            (2, 4, 7, 8),
+        ),
+        (  # depthwise convolution with a channel multiplier
+            lambda: torch.nn.Conv2d(3, 6, 3, padding=1, groups=3),
+            lambda: keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2),
+            (2, 3, 5, 6),
+        ),
+    ],
+    ids=["conv2d", "depthwise"],
+)
+def test_conv_weights_map_from_torch(make_ref, make_ours, shape):
+    ref, ours = randomize_torch(make_ref()), make_ours()
+    x = np.random.default_rng(0).normal(size=shape).astype("float32")  # (b, c, h, w)
+    ours.build((None, *shape[2:], shape[1]))
     _load(ours, ref)
     expected = ref(torch.from_numpy(x)).detach().numpy().transpose(0, 2, 3, 1)
     assert rel_err(as_numpy(ours(x.transpose(0, 2, 3, 1))), expected) < 1e-5

@@ -77,7 +77,7 @@ def test_parameter_counts_equal_vit_pytorch(arch):
 def test_seed_example_and_faq_shapes():
     from vitkit.models.vit import ViT
 
-    v = ViT(
+    seed = dict(
         image_size=256,
         patch_size=32,
         num_classes=1000,
@@ -88,21 +88,12 @@ def test_seed_example_and_faq_shapes():
         dropout=0.1,
         emb_dropout=0.1,
     )
+    v = ViT(**seed)
     assert tuple(v(np.zeros((1, 256, 256, 3), "float32")).shape) == (1, 1000)
     # FAQ: non-square images up to image_size
     assert tuple(v(np.zeros((1, 256, 128, 3), "float32")).shape) == (1, 1000)
     # FAQ: non-square patches
-    v = ViT(
-        image_size=(256, 128),
-        patch_size=(32, 16),
-        num_classes=1000,
-        dim=1024,
-        depth=6,
-        heads=16,
-        mlp_dim=2048,
-        dropout=0.1,
-        emb_dropout=0.1,
-    )
+    v = ViT(**dict(seed, image_size=(256, 128), patch_size=(32, 16)))
     assert tuple(v(np.zeros((1, 256, 128, 3), "float32")).shape) == (1, 1000)
     keras.utils.clear_session()
 

@@ -8,12 +8,18 @@ from keras import ops
 
 from vitkit.layers.backend_quirks import FLASH_ATTENTION
 from vitkit.layers.base import VitkitLayer
-from vitkit.layers.utils import check_int, check_rate
 
 LN_EPSILON = 1e-5  # torch.nn.LayerNorm's default, so numbers match vit-pytorch
 # Score of a masked key: vit-pytorch fills with -finfo(float32).max, so a row with every key
 # masked comes out uniform there and here.
 MASKED_SCORE = -3.4028234663852886e38
+
+
+def layer_norm(name: str, dtype, enabled: bool = True):
+    """torch's `nn.LayerNorm` (epsilon 1e-5) as a Keras layer; None when not `enabled`."""
+    if not enabled:
+        return None
+    return keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=dtype, name=name)
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -67,16 +73,7 @@ class Attention(VitkitLayer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        owner = type(self).__name__
-        self.dim = check_int("dim", dim, owner=owner)
-        self.heads = check_int("heads", heads, owner=owner)
-        self.dim_head = check_int("dim_head", dim_head, owner=owner)
-        self.dropout = check_rate("dropout", dropout, owner=owner)
-        self.project_out = project_out
-        self.out_bias = out_bias
-        self.qkv_bias = qkv_bias
-        self.norm = norm
-        self.separate_kv = separate_kv
+        self.keep_args(locals())
 
         self.inner_dim = heads * dim_head
         self.scale = dim_head**-0.5
@@ -84,11 +81,7 @@ class Attention(VitkitLayer):
             not (heads == 1 and dim_head == dim) if project_out is None else bool(project_out)
         )
         policy = self.dtype_policy
-        self.norm_layer = (
-            keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=policy, name="norm")
-            if norm
-            else None
-        )
+        self.norm_layer = layer_norm("norm", policy, norm)
         if separate_kv:
             self.to_q = keras.layers.Dense(
                 self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_q"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from vitkit.layers.utils import constructor_args, plain, reject_unknown_kwargs
+from vitkit.layers.utils import ARG_RULES, constructor_args, plain, reject_unknown_kwargs
 
 
 class ConfigMixin:
@@ -17,6 +17,23 @@ class ConfigMixin:
     """
 
     layer_arguments: tuple[str, ...] = ()
+
+    def keep_args(self, args: dict, **rules) -> None:
+        """Check every constructor argument and keep it as the attribute of the same name (what
+        `get_config` reads back). `args` is the constructor's `locals()`, taken before it names
+        anything else; each argument is checked by `rules[name]` if given, else by
+        `self.arg_rule(name)` (see `vitkit.layers.utils.ARG_RULES`), in signature order."""
+        owner = type(self).__name__
+        for name, value in args.items():
+            if name not in ("self", "kwargs", "__class__"):
+                rule = rules[name] if name in rules else self.arg_rule(name)
+                setattr(self, name, rule(name, value, owner))
+
+    def arg_rule(self, name: str):
+        """The check of the argument `name` when the constructor names none."""
+        if name not in ARG_RULES:
+            raise TypeError(f"{type(self).__name__}: no rule checks the argument `{name}`.")
+        return ARG_RULES[name]
 
     def get_config(self) -> dict:
         base = super().get_config()

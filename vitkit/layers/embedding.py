@@ -7,7 +7,7 @@ import math
 import keras
 from keras import ops
 
-from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.attention import layer_norm
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.utils import (
     DATA_FORMATS,
@@ -55,17 +55,9 @@ class PatchEmbedding(VitkitLayer):
         self.patch_hw = check_pair("patch_size", patch_size, owner=owner)
 
         policy = self.dtype_policy
-        self.patch_norm = (
-            keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=policy, name="patch_norm")
-            if norm_patches
-            else None
-        )
+        self.patch_norm = layer_norm("patch_norm", policy, norm_patches)
         self.proj = keras.layers.Dense(dim, dtype=policy, name="proj")
-        self.token_norm = (
-            keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=policy, name="token_norm")
-            if norm_tokens
-            else None
-        )
+        self.token_norm = layer_norm("token_norm", policy, norm_tokens)
 
     def build(self, input_shape):
         channels = input_shape[-1] if self.data_format == "channels_last" else input_shape[1]

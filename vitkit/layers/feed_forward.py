@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import keras
 
-from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.attention import layer_norm
 from vitkit.layers.backend_quirks import GELU
 from vitkit.layers.base import VitkitLayer
-from vitkit.layers.utils import check_int, check_rate
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -24,19 +23,10 @@ class FeedForward(VitkitLayer):
 
     def __init__(self, dim, hidden_dim, dropout=0.0, activation="gelu", norm=True, **kwargs):
         super().__init__(**kwargs)
-        owner = type(self).__name__
-        self.dim = check_int("dim", dim, owner=owner)
-        self.hidden_dim = check_int("hidden_dim", hidden_dim, owner=owner)
-        self.dropout = check_rate("dropout", dropout, owner=owner)
-        self.activation = activation
-        self.norm = norm
+        self.keep_args(locals())
 
         policy = self.dtype_policy
-        self.norm_layer = (
-            keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=policy, name="norm")
-            if norm
-            else None
-        )
+        self.norm_layer = layer_norm("norm", policy, norm)
         # "gelu" is the exact (erf) GELU, in a form every backend can also export.
         self.hidden = keras.layers.Dense(
             hidden_dim,

@@ -6,11 +6,10 @@ import keras
 from keras import ops
 
 from vitkit.convert.mapping import Reshaped
-from vitkit.layers.attention import LN_EPSILON, Attention
+from vitkit.layers.attention import Attention, layer_norm
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.feed_forward import FeedForward
 from vitkit.layers.layer_scale import LayerScale, layer_scale_init
-from vitkit.layers.utils import check_int, check_rate
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -51,18 +50,7 @@ class Transformer(VitkitLayer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        owner = type(self).__name__
-        self.dim = check_int("dim", dim, owner=owner)
-        self.depth = check_int("depth", depth, owner=owner)
-        self.heads = check_int("heads", heads, owner=owner)
-        self.dim_head = check_int("dim_head", dim_head, owner=owner)
-        self.mlp_dim = check_int("mlp_dim", mlp_dim, owner=owner)
-        self.dropout = check_rate("dropout", dropout, owner=owner)
-        self.project_out = project_out
-        self.out_bias = out_bias
-        self.final_norm = final_norm
-        self.layer_scale = layer_scale
-        self.layer_dropout = check_rate("layer_dropout", layer_dropout, owner=owner)
+        self.keep_args(locals())
 
         self.attentions = [self.make_attention(i) for i in range(depth)]
         self.feed_forwards = [self.make_feed_forward(i) for i in range(depth)]
@@ -78,13 +66,7 @@ class Transformer(VitkitLayer):
             else None
         )
         self.seed_generator = keras.random.SeedGenerator() if self.layer_dropout else None
-        self.norm = (
-            keras.layers.LayerNormalization(
-                epsilon=LN_EPSILON, dtype=self.dtype_policy, name="norm"
-            )
-            if final_norm
-            else None
-        )
+        self.norm = layer_norm("norm", self.dtype_policy, final_norm)
 
     def make_attention(self, index, **options):
         """Block `index`'s attention: `attention_class` with this stack's sizes; `options`

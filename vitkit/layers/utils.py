@@ -72,6 +72,67 @@ def check_divisible(image_size, patch_size, owner: str = "") -> tuple[int, int]:
     return ih // ph, iw // pw
 
 
+# Rules for `keep_args`: `rule(name, value, owner)` checks one constructor argument and returns
+# the value to keep, or raises a ValueError naming it.
+
+
+def integer(minimum: int = 1):
+    """Rule: a Python int >= `minimum`."""
+
+    def rule(name, value, owner):
+        return check_int(name, value, minimum, owner)
+
+    return rule
+
+
+def rate(name, value, owner) -> float:
+    """Rule: a probability in [0, 1)."""
+    return check_rate(name, value, owner)
+
+
+def one_of(*choices: str):
+    """Rule: one of `choices`."""
+
+    def rule(name, value, owner):
+        return check_choice(name, value, choices, owner)
+
+    return rule
+
+
+def optional(rule):
+    """Rule: `None`, or a value that `rule` accepts."""
+
+    def optional_rule(name, value, owner):
+        return None if value is None else rule(name, value, owner)
+
+    return optional_rule
+
+
+def as_given(name, value, owner):
+    """Rule: kept as given (checked elsewhere, e.g. `image_size` by `VitkitModel.patch_grid`)."""
+    return value
+
+
+# The rule of each argument that several blocks and models take under the same name.
+ARG_RULES = {
+    **dict.fromkeys(
+        ("num_classes", "dim", "depth", "heads", "mlp_dim", "dim_head", "channels"), integer()
+    ),
+    **dict.fromkeys(("dropout", "emb_dropout", "layer_dropout"), rate),
+    "pool": one_of("cls", "mean"),
+    "data_format": one_of(*DATA_FORMATS),
+    "image_size": as_given,
+    "patch_size": as_given,
+    "hidden_dim": integer(),
+    # the blocks' switches, kept as given
+    **dict.fromkeys(
+        ("project_out", "out_bias", "qkv_bias", "norm", "separate_kv", "final_norm")
+        + ("layer_scale", "activation"),
+        as_given,
+    ),
+}
+
+
 def reject_unknown_kwargs(owner: str, kwargs: dict) -> None:
     """Unknown keyword arguments are a TypeError that names every one of them."""
     unknown = sorted(set(kwargs) - KERAS_BASE_KWARGS)

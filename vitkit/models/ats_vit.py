@@ -7,18 +7,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from vitkit.convert.mapping import Reshaped
-from vitkit.layers import (
-    Attention,
-    ClassToken,
-    LearnedPositionEmbedding,
-    PatchEmbedding,
-    Transformer,
-    VitkitLayer,
-)
-from vitkit.layers.attention import LN_EPSILON
-from vitkit.layers.utils import check_divisible, check_int, check_pair, check_rate
-from vitkit.models.base import VitkitModel
+from vitkit.layers import Attention, Transformer, VitkitLayer
+from vitkit.layers.utils import as_given, integer
+from vitkit.models.base import ViTLayout
 from vitkit.registry import register_model
 
 # A masked token's pseudo-logit: vit-pytorch's -finfo(float32).max / 2, never drawn.
@@ -60,11 +51,9 @@ class AdaptiveTokenSampling(VitkitLayer):
 
     def __init__(self, output_num_tokens, num_tokens, eps=1e-6, seed=0, **kwargs):
         super().__init__(**kwargs)
-        owner = type(self).__name__
-        self.output_num_tokens = check_int("output_num_tokens", output_num_tokens, owner=owner)
-        self.num_tokens = check_int("num_tokens", num_tokens, owner=owner)
-        self.eps = eps
-        self.seed = seed
+        self.keep_args(
+            locals(), output_num_tokens=integer(), num_tokens=integer(), eps=as_given, seed=as_given
+        )
         self.seed_generator = keras.random.SeedGenerator(name="gumbel_seed")
 
     def build(self, attn_shape, values_shape=None, token_mask_shape=None):
@@ -276,7 +265,7 @@ class AdaptiveTokenSamplingTransformer(Transformer):
 # fmt: on
 # vit-pytorch has many `ViT`s: the package tells Keras which one this is.
 @keras.saving.register_keras_serializable(package="vitkit.ats_vit")
-class ViT(VitkitModel):
+class ViT(ViTLayout):
     """ViT that drops unimportant tokens as it goes: block `i` keeps at most
     `max_tokens_per_depth[i]` patch tokens, sampled by their significance to the class token
     (see `AdaptiveTokenSampling`). Runs under jit: sequences are padded to the static maximum
@@ -290,21 +279,12 @@ class ViT(VitkitModel):
     vit-pytorch draws it afresh on every call).
 
     Args:
-        image_size: int or (height, width). Smaller images work too, if both sides are
-            divisible by the patch; they use the first rows of the position table.
-        patch_size: int or (height, width); must divide `image_size`.
-        num_classes: number of outputs.
-        dim: token width.
-        depth: number of transformer blocks.
         max_tokens_per_depth: the most patch tokens each block keeps: `depth` integers >= 1,
             non-increasing. A block samples when it is given more.
-        heads: attention heads per block.
-        mlp_dim: hidden width of each feed-forward block.
-        channels: image channels.
-        dim_head: width of each attention head.
-        dropout: dropout inside the transformer.
-        emb_dropout: dropout on the embedded tokens.
-        data_format: `"channels_last"` (b, h, w, c) or `"channels_first"` (b, c, h, w).
+        Everything else as `vitkit.models.vit.ViT` (no `pool`: the class token is classified;
+        `num_classes` >= 1): `image_size`, `patch_size`, `num_classes`, `dim`, `depth`,
+        `heads`, `mlp_dim`, `channels=3`, `dim_head=64`, `dropout=0.0`, `emb_dropout=0.0`,
+        `data_format="channels_last"`.
 
     Example:
         >>> v = ViT(image_size=256, patch_size=16, num_classes=1000, dim=1024, depth=6,
@@ -313,6 +293,9 @@ class ViT(VitkitModel):
         >>> preds.shape, ids.shape
         ((4, 1000), (4, 8))
     """
+
+    with_class_token = True  # sampling follows the class token's attention
+    norm_before_head = True
 
     def __init__(
         self,
@@ -333,44 +316,20 @@ class ViT(VitkitModel):
         **kwargs,
     ):
         super().__init__(data_format=data_format, **kwargs)
-        owner = type(self).__name__
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_classes = check_int("num_classes", num_classes, owner=owner)
-        self.dim = check_int("dim", dim, owner=owner)
-        self.depth = check_int("depth", depth, owner=owner)
-        self.max_tokens_per_depth = max_tokens_per_depth
-        self.check_max_tokens(max_tokens_per_depth, depth)
-        self.heads = check_int("heads", heads, owner=owner)
-        self.mlp_dim = check_int("mlp_dim", mlp_dim, owner=owner)
-        self.channels = check_int("channels", channels, owner=owner)
-        self.dim_head = check_int("dim_head", dim_head, owner=owner)
-        self.dropout = check_rate("dropout", dropout, owner=owner)
-        self.emb_dropout = check_rate("emb_dropout", emb_dropout, owner=owner)
+        self.keep_args(locals(), max_tokens_per_depth=self.check_max_tokens)
+        rows, cols = self.patch_grid()
+        self.make_layers(rows * cols)
 
-        self.image_hw = check_pair("image_size", image_size, owner=owner)
-        self.patch_hw = check_pair("patch_size", patch_size, owner=owner)
-        rows, cols = check_divisible(self.image_hw, self.patch_hw, owner)
-
-        policy = self.dtype_policy
-        self.patch_embed = PatchEmbedding(
-            dim, self.patch_hw, data_format=data_format, dtype=policy, name="patch_embed"
-        )
-        self.cls_token = ClassToken(dtype=policy, name="cls_token")
-        self.pos_embedding = LearnedPositionEmbedding(
-            rows * cols + 1, dtype=policy, name="pos_embedding"
-        )
-        self.embedding_dropout = keras.layers.Dropout(emb_dropout, dtype=policy)
-        self.transformer = AdaptiveTokenSamplingTransformer(
-            dim, depth, max_tokens_per_depth, heads, dim_head, mlp_dim, dropout,
-            num_tokens=rows * cols, dtype=policy, name="transformer",
+    def make_transformer(self):
+        return AdaptiveTokenSamplingTransformer(
+            self.dim, self.depth, self.max_tokens_per_depth, self.heads, self.dim_head,
+            self.mlp_dim, self.dropout, num_tokens=self.num_patches, dtype=self.dtype_policy,
+            name="transformer",
         )  # fmt: skip
-        self.head_norm = keras.layers.LayerNormalization(
-            epsilon=LN_EPSILON, dtype=policy, name="head_norm"
-        )
-        self.head = keras.layers.Dense(num_classes, dtype=policy, name="head")
 
-    def check_max_tokens(self, max_tokens, depth):
+    def check_max_tokens(self, name, max_tokens, owner):
+        """`max_tokens_per_depth`'s rule (`depth` is kept before it)."""
+        depth = self.depth
         counts = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else None
         if (
             counts is None
@@ -379,31 +338,15 @@ class ViT(VitkitModel):
             or counts != sorted(counts, reverse=True)
         ):
             raise ValueError(
-                f"{type(self).__name__}: `max_tokens_per_depth` must hold `depth` = {depth} "
+                f"{owner}: `{name}` must hold `depth` = {depth} "
                 f"integers >= 1, non-increasing; got {max_tokens!r}."
             )
-
-    def check_spatial(self, height, width):
-        self.check_patch_grid(height, width)
+        return max_tokens
 
     def call(self, images, training=None, return_sampled_token_ids=False):
-        x = self.patch_embed(self.check_images(images))  # (b, n, dim)
-        x = self.pos_embedding(self.cls_token(x))  # (b, 1 + n, dim)
-        x = self.embedding_dropout(x, training=training)
-        x, token_ids = self.transformer(x, training=training)  # (b, 1 + K, dim), (b, 1 + K)
-        logits = self.head(self.head_norm(x[:, 0]))
+        x = self.embed(images, training=training)  # (b, 1 + n, dim)
+        x, token_ids = self.encode(x, training=training)  # (b, 1 + K, dim), (b, 1 + K)
+        logits = self.classify(x)  # from the class token
         if return_sampled_token_ids:
             return logits, token_ids[:, 1:] - 1  # patch indices, -1 for padding
         return logits
-
-    def vit_pytorch_state_map(self):
-        """Our weights under the names of `vit_pytorch.ats_vit.ViT`'s state dict."""
-        token, table = self.cls_token.token, self.pos_embedding.embedding
-        return {
-            "to_patch_embedding": self.patch_embed.vit_pytorch_state_map(),
-            "pos_embedding": Reshaped(table, (1, *table.shape)),
-            "cls_token": Reshaped(token, (1, *token.shape)),
-            "transformer": self.transformer.vit_pytorch_state_map(),
-            "mlp_head.0": self.head_norm,
-            "mlp_head.1": self.head,
-        }

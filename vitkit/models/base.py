@@ -1,4 +1,5 @@
-"""`VitkitModel`: what every image model shares: config, data format, input checks."""
+"""`VitkitModel`: what every image model shares: config, data format, input checks.
+`ViTLayout`: the ViT pipeline that the plain-token variants keep and change in a part or two."""
 
 from __future__ import annotations
 
@@ -6,8 +7,19 @@ import keras
 import numpy as np
 from keras import ops
 
+from vitkit.convert.mapping import Reshaped
+from vitkit.layers import ClassToken, LearnedPositionEmbedding, PatchEmbedding, TokenPool
+from vitkit.layers.attention import layer_norm
 from vitkit.layers.base import ConfigMixin
-from vitkit.layers.utils import DATA_FORMATS, check_choice, image_shape, reject_unknown_kwargs
+from vitkit.layers.utils import (
+    DATA_FORMATS,
+    check_choice,
+    check_divisible,
+    check_pair,
+    image_shape,
+    integer,
+    reject_unknown_kwargs,
+)
 
 
 class VitkitModel(ConfigMixin, keras.Model):
@@ -18,7 +30,10 @@ class VitkitModel(ConfigMixin, keras.Model):
     `input_channels` property instead), and may override `check_spatial(height, width)` for the
     sizes they accept. `get_config()` returns
     exactly the constructor's arguments; unknown keyword arguments are a `TypeError`.
+    Constructors check and keep their arguments with `keep_args(locals())`.
     """
+
+    min_classes = 1  # the smallest `num_classes` the model takes
 
     def __init__(self, *, data_format="channels_last", **kwargs):
         reject_unknown_kwargs(type(self).__name__, kwargs)
@@ -26,6 +41,20 @@ class VitkitModel(ConfigMixin, keras.Model):
         self.data_format = check_choice(
             "data_format", data_format, DATA_FORMATS, type(self).__name__
         )
+
+    def arg_rule(self, name: str):
+        if name == "num_classes":
+            return integer(self.min_classes)
+        return super().arg_rule(name)
+
+    def patch_grid(self) -> tuple[int, int]:
+        """Check `image_size` and `patch_size` (ints or pairs; the patch must tile the image),
+        keep them as `(height, width)` pairs `image_hw` and `patch_hw`, and return the patch
+        grid `(rows, cols)`."""
+        owner = type(self).__name__
+        self.image_hw = check_pair("image_size", self.image_size, owner=owner)
+        self.patch_hw = check_pair("patch_size", self.patch_size, owner=owner)
+        return check_divisible(self.image_hw, self.patch_hw, owner)
 
     # Inputs -----------------------------------------------------------------------------
 
@@ -93,3 +122,113 @@ class VitkitModel(ConfigMixin, keras.Model):
         if not self.built:
             self(np.zeros(self.default_input_shape(), dtype="float32"))
         return self
+
+
+class ViTLayout(VitkitModel):
+    """ViT's pipeline (Dosovitskiy et al., arXiv:2010.11929), for the models that keep it and
+    change a part: images -> patch tokens -> [class token first] -> + learned positions ->
+    dropout -> transformer -> class token or mean -> [LayerNorm] -> linear head.
+
+    A subclass's constructor keeps its arguments (`keep_args(locals())`), then calls
+    `make_layers(num_patches)`. It changes parts through hooks: `make_patch_embedding()`,
+    `make_transformer()` (required), `position_count()`, and class attributes:
+    `with_class_token` (default: when `pool="cls"`), `norm_before_head`, and `pool` and
+    `emb_dropout` for models without those arguments. `call` is `embed`, `encode`, `classify`.
+    """
+
+    pool = "cls"
+    emb_dropout = 0.0
+    norm_before_head = False  # a LayerNorm between the pooled token and the head
+    batched_reference_tables = True  # vit-pytorch stores token tables as (1, n, dim)
+
+    @property
+    def with_class_token(self) -> bool:
+        return self.pool == "cls"
+
+    def position_count(self) -> int:
+        """Rows of the learned position table: one per patch, one for the class token."""
+        return self.num_patches + int(self.with_class_token)
+
+    def make_layers(self, num_patches: int) -> None:
+        """Create the sublayers; `num_patches`: patch tokens of an image of `image_size`."""
+        self.num_patches = num_patches
+        policy = self.dtype_policy
+        self.patch_embed = self.make_patch_embedding()
+        self.cls_token = (
+            ClassToken(dtype=policy, name="cls_token") if self.with_class_token else None
+        )
+        self.pos_embedding = LearnedPositionEmbedding(
+            self.position_count(), dtype=policy, name="pos_embedding"
+        )
+        self.embedding_dropout = keras.layers.Dropout(self.emb_dropout, dtype=policy)
+        self.transformer = self.make_transformer()
+        self.pooling = TokenPool(self.pool, dtype=policy, name="pool")
+        self.head_norm = layer_norm("head_norm", policy, self.norm_before_head)
+        self.head = (
+            keras.layers.Dense(self.num_classes, dtype=policy, name="head")
+            if self.num_classes
+            else None
+        )
+
+    def make_patch_embedding(self):
+        """Images -> (b, n, dim); by default LayerNorm, Linear, LayerNorm on each patch."""
+        return PatchEmbedding(
+            self.dim,
+            self.patch_hw,
+            data_format=self.data_format,
+            dtype=self.dtype_policy,
+            name="patch_embed",
+        )
+
+    def make_transformer(self):
+        """The encoder, `(b, n, dim) -> (b, n, dim)`."""
+        raise NotImplementedError(f"{type(self).__name__} must define make_transformer()")
+
+    def check_spatial(self, height, width):
+        self.check_patch_grid(height, width)
+
+    def call(self, images, training=None):
+        x = self.encode(self.embed(images, training=training), training=training)
+        return x if self.head is None else self.classify(x)
+
+    def embed(self, images, training=None):
+        """Images -> patch tokens, class token first, positions added: `(b, [1 +] n, dim)`."""
+        x = self.patch_embed(self.check_images(images), training=training)  # (b, n, dim)
+        if self.cls_token is not None:
+            x = self.cls_token(x)  # (b, 1 + n, dim)
+        return self.pos_embedding(x)
+
+    def encode(self, x, training=None):
+        """Embedding dropout, then the transformer: `(b, m, dim) -> (b, m, dim)`."""
+        x = self.embedding_dropout(x, training=training)
+        return self.transformer(x, training=training)
+
+    def classify(self, x):
+        """Encoded tokens -> `(b, num_classes)`: class token or mean, [LayerNorm,] the head."""
+        x = self.pooling(x)
+        return self.head(x if self.head_norm is None else self.head_norm(x))
+
+    def vit_pytorch_state_map(self):
+        """Our weights under vit-pytorch's names; the transformer names its own."""
+        names = {
+            "to_patch_embedding": self.patch_embed,
+            "pos_embedding": self.reference_table(self.pos_embedding.embedding),
+            "transformer": self.transformer,
+        }
+        if self.cls_token is not None:
+            names["cls_token"] = self.reference_table(self.cls_token.token)
+        return {**names, **self.head_state_map()}
+
+    def reference_table(self, variable):
+        """A class-token or position table as vit-pytorch stores it."""
+        if self.batched_reference_tables:
+            return Reshaped(variable, (1, *variable.shape))
+        return variable
+
+    def head_state_map(self) -> dict:
+        """The head's names: vit-pytorch's `mlp_head` is the Linear, or LayerNorm and Linear."""
+        if self.head is None:
+            return {}
+        if self.head_norm is None:
+            return {"mlp_head": self.head}
+        return {"mlp_head": {"0": self.head_norm, "1": self.head}}

@@ -12,8 +12,8 @@ from vitkit.layers import (
     TalkingHeadsAttention,
     Transformer,
 )
-from vitkit.layers.attention import LN_EPSILON
-from vitkit.layers.utils import check_divisible, check_int, check_pair, check_rate
+from vitkit.layers.attention import layer_norm
+from vitkit.layers.utils import integer
 from vitkit.models.base import VitkitModel
 from vitkit.models.vit import ViT
 from vitkit.registry import register_model
@@ -129,24 +129,9 @@ class CaiT(VitkitModel):
         **kwargs,
     ):
         super().__init__(data_format=data_format, **kwargs)
-        owner = type(self).__name__
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_classes = check_int("num_classes", num_classes, owner=owner)
-        self.dim = check_int("dim", dim, owner=owner)
-        self.depth = check_int("depth", depth, owner=owner)
-        self.cls_depth = check_int("cls_depth", cls_depth, owner=owner)
-        self.heads = check_int("heads", heads, owner=owner)
-        self.mlp_dim = check_int("mlp_dim", mlp_dim, owner=owner)
-        self.dim_head = check_int("dim_head", dim_head, owner=owner)
-        self.dropout = check_rate("dropout", dropout, owner=owner)
-        self.emb_dropout = check_rate("emb_dropout", emb_dropout, owner=owner)
-        self.layer_dropout = check_rate("layer_dropout", layer_dropout, owner=owner)
-        self.channels = 3
-
-        self.image_hw = check_pair("image_size", image_size, owner=owner)
-        self.patch_hw = check_pair("patch_size", patch_size, owner=owner)
-        rows, cols = check_divisible(self.image_hw, self.patch_hw, owner)
+        self.keep_args(locals(), cls_depth=integer())
+        self.channels = 3  # vit-pytorch's CaiT takes RGB images
+        rows, cols = self.patch_grid()
 
         policy = self.dtype_policy
         self.patch_embed = PatchEmbedding(
@@ -174,9 +159,7 @@ class CaiT(VitkitModel):
         self.patch_transformer = stack(depth, "patch_transformer")
         self.cls_transformer = stack(cls_depth, "cls_transformer")
         self.cls_token = ClassToken(dtype=policy, name="cls_token")
-        self.head_norm = keras.layers.LayerNormalization(
-            epsilon=LN_EPSILON, dtype=policy, name="head_norm"
-        )
+        self.head_norm = layer_norm("head_norm", policy)
         self.head = keras.layers.Dense(num_classes, dtype=policy, name="head")
 
     # The same sizes as ViT: at most `image_size`, divisible by the patch.

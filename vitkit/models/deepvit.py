@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from vitkit.layers import Attention, Transformer, mix_heads
-from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.attention import layer_norm
 from vitkit.models.classic_vit import ClassicViT
 from vitkit.registry import register_model
 
@@ -28,9 +28,7 @@ class ReAttention(Attention):
             name="reattn_weights",
         )
         # Made here, not in __init__: ReAttention keeps Attention's constructor (and config).
-        self.reattn_norm = keras.layers.LayerNormalization(
-            epsilon=LN_EPSILON, dtype=self.dtype_policy, name="reattn_norm"
-        )
+        self.reattn_norm = layer_norm("reattn_norm", self.dtype_policy)
         self.reattn_norm.build((None, None, None, self.heads))
 
     def transform_attention(self, attn):

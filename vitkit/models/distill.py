@@ -8,24 +8,15 @@ import keras
 from keras import ops
 
 from vitkit.layers.utils import constructor_args
-from vitkit.models.vit import ViT
+from vitkit.models.vit import VIT_PARITY, VIT_TINY, ViT
 from vitkit.registry import register_model
 
 
 # fmt: off
 @register_model(
-    tiny=dict(
-        image_size=(24, 20), patch_size=(4, 5), num_classes=7, dim=18, depth=2, heads=3,
-        dim_head=5, mlp_dim=26,
-    ),
-    parity=[
-        dict(image_size=(24, 20), patch_size=(4, 5), num_classes=7, dim=18, depth=2, heads=3,
-             dim_head=5, mlp_dim=26),
-        dict(image_size=32, patch_size=8, num_classes=5, dim=24, depth=3, heads=2, mlp_dim=40,
-             pool="mean", channels=1, dim_head=7, dropout=0.1, emb_dropout=0.1),
-        dict(image_size=(18, 30), patch_size=(6, 10), num_classes=3, dim=12, depth=1, heads=1,
-             dim_head=12, mlp_dim=9, channels=2),
-    ],
+    tiny=VIT_TINY,
+    # ViT's, each with a head: the distillation needs class logits
+    parity=[dict(config, num_classes=config["num_classes"] or 3) for config in VIT_PARITY],
     invalid=[
         (dict(num_classes=0), "num_classes"),
         (dict(pool="max"), "pool"),

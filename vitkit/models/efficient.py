@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import keras
 
-from vitkit.convert.mapping import Reshaped
-from vitkit.layers import ClassToken, LearnedPositionEmbedding, PatchEmbedding, TokenPool
-from vitkit.layers.attention import LN_EPSILON
-from vitkit.layers.utils import check_choice, check_divisible, check_int, check_pair
-from vitkit.models.base import VitkitModel
+from vitkit.layers.utils import integer
+from vitkit.models.base import ViTLayout
 from vitkit.registry import register_model
 
 
@@ -48,7 +45,7 @@ def _transformer(dim, depth, heads, dim_head, mlp_dim):
 # fmt: on
 # vit-pytorch has many `ViT`s: the package tells Keras which one this is.
 @keras.saving.register_keras_serializable(package="vitkit.efficient")
-class ViT(VitkitModel):
+class ViT(ViTLayout):
     """ViT with the encoder passed in: patch tokens (LayerNorm, projection, LayerNorm), a
     class token and learned positions go through `transformer`; the class token (or the mean
     of all tokens) goes through LayerNorm and a linear head.
@@ -76,6 +73,8 @@ class ViT(VitkitModel):
     """
 
     layer_arguments = ("transformer",)  # saved serialized, rebuilt by `from_config`
+    with_class_token = True  # also with pool="mean": the mean takes it in
+    norm_before_head = True
 
     def __init__(
         self,
@@ -91,70 +90,32 @@ class ViT(VitkitModel):
         **kwargs,
     ):
         super().__init__(data_format=data_format, **kwargs)
-        owner = type(self).__name__
-        self.image_size = image_size
-        self.patch_size = check_int("patch_size", patch_size, owner=owner)
-        self.num_classes = check_int("num_classes", num_classes, owner=owner)
-        self.dim = check_int("dim", dim, owner=owner)
-        self.transformer = self.make_transformer(transformer)
-        self.pool = check_choice("pool", pool, ("cls", "mean"), owner)
-        self.channels = check_int("channels", channels, owner=owner)
+        # square patches only, as in vit-pytorch
+        self.keep_args(locals(), patch_size=integer(), transformer=self.as_layer)
+        rows, cols = self.patch_grid()
+        self.make_layers(rows * cols)
 
-        self.image_hw = check_pair("image_size", image_size, owner=owner)
-        self.patch_hw = (patch_size, patch_size)
-        rows, cols = check_divisible(self.image_hw, self.patch_hw, owner)
-
-        policy = self.dtype_policy
-        self.patch_embed = PatchEmbedding(
-            dim, self.patch_hw, data_format=data_format, dtype=policy, name="patch_embed"
-        )
-        self.cls_token = ClassToken(dtype=policy, name="cls_token")
-        self.pos_embedding = LearnedPositionEmbedding(
-            rows * cols + 1, dtype=policy, name="pos_embedding"
-        )
-        self.pooling = TokenPool(pool, dtype=policy, name="pool")
-        self.head_norm = keras.layers.LayerNormalization(
-            epsilon=LN_EPSILON, dtype=policy, name="head_norm"
-        )
-        self.head = keras.layers.Dense(num_classes, dtype=policy, name="head")
-
-    def make_transformer(self, transformer):
-        """The `transformer` argument as a layer: deserialized if given as a config."""
+    def as_layer(self, name, transformer, owner):
+        """`transformer`'s rule: a layer, or its config (deserialized)."""
         if isinstance(transformer, dict):
             transformer = dict(transformer, config=dict(transformer.get("config", {})))
             transformer["config"].setdefault("dtype", self.dtype_policy.name)
             transformer = keras.saving.deserialize_keras_object(transformer)
         if not isinstance(transformer, keras.layers.Layer):
             raise ValueError(
-                f"{type(self).__name__}: `transformer` must be a Keras layer mapping tokens "
+                f"{owner}: `{name}` must be a Keras layer mapping tokens "
                 f"(b, n, dim) -> (b, n, dim), or its serialized config; got {transformer!r}."
             )
         return transformer
 
-    def check_spatial(self, height, width):
-        self.check_patch_grid(height, width)
+    def make_transformer(self):
+        return self.transformer  # the argument
 
-    def call(self, images, training=None):
-        x = self.patch_embed(self.check_images(images))  # (b, n, dim)
-        x = self.pos_embedding(self.cls_token(x))  # (b, 1 + n, dim)
-        y = self.transformer(x, training=training)
+    def encode(self, x, training=None):
+        y = super().encode(x, training=training)
         if tuple(y.shape[1:]) != tuple(x.shape[1:]):
             raise ValueError(
                 f"{type(self).__name__}: `transformer` must map tokens (b, n, dim) to the same "
                 f"shape; it turned {tuple(x.shape)} into {tuple(y.shape)}."
             )
-        return self.head(self.head_norm(self.pooling(y)))  # (b, num_classes)
-
-    def vit_pytorch_state_map(self):
-        """Our weights under the names of `vit_pytorch.efficient.ViT`'s state dict; the
-        transformer's own names come from its `vit_pytorch_state_map()` (vitkit's
-        `Transformer` has vit-pytorch's `vit.Transformer` names)."""
-        token, table = self.cls_token.token, self.pos_embedding.embedding
-        return {
-            "to_patch_embedding": self.patch_embed.vit_pytorch_state_map(),
-            "pos_embedding": Reshaped(table, (1, *table.shape)),
-            "cls_token": Reshaped(token, (1, *token.shape)),
-            "transformer": self.transformer,
-            "mlp_head.0": self.head_norm,
-            "mlp_head.1": self.head,
-        }
+        return y

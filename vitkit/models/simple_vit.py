@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 
 from vitkit.layers import PatchEmbedding, SinCosPositionEmbedding2D, TokenPool, Transformer
-from vitkit.layers.utils import check_divisible, check_int, check_pair
+from vitkit.layers.utils import integer
 from vitkit.models.base import VitkitModel
 from vitkit.models.vit import VIT_SIZES
 from vitkit.registry import register_model
@@ -86,23 +86,13 @@ class SimpleViT(VitkitModel):
         **kwargs,
     ):
         super().__init__(data_format=data_format, **kwargs)
-        owner = type(self).__name__
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_classes = check_int("num_classes", num_classes, owner=owner)
-        self.dim = check_int("dim", dim, minimum=8, owner=owner)
+        self.keep_args(locals(), dim=integer(8))
         if dim % 4:
-            raise ValueError(f"{owner}: `dim` must be a multiple of 4 for the sin-cos position "
-                             f"embedding; got {dim}.")
-        self.depth = check_int("depth", depth, owner=owner)
-        self.heads = check_int("heads", heads, owner=owner)
-        self.mlp_dim = check_int("mlp_dim", mlp_dim, owner=owner)
-        self.channels = check_int("channels", channels, owner=owner)
-        self.dim_head = check_int("dim_head", dim_head, owner=owner)
-
-        self.image_hw = check_pair("image_size", image_size, owner=owner)
-        self.patch_hw = check_pair("patch_size", patch_size, owner=owner)
-        check_divisible(self.image_hw, self.patch_hw, owner)
+            raise ValueError(
+                f"{type(self).__name__}: `dim` must be a multiple of 4 for the sin-cos position "
+                f"embedding; got {dim}."
+            )
+        self.patch_grid()
 
         policy = self.dtype_policy
         self.patch_embed = PatchEmbedding(

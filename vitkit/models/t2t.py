@@ -6,19 +6,20 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vitkit.convert.mapping import Reshaped
-from vitkit.layers import ClassToken, LearnedPositionEmbedding, TokenPool, Transformer, VitkitLayer
+from vitkit.layers import Transformer, VitkitLayer
 from vitkit.layers.utils import (
     DATA_FORMATS,
     check_choice,
     check_int,
     check_pair,
     check_rate,
+    integer,
+    optional,
     plain,
     to_channels_last,
     unfold,
 )
-from vitkit.models.base import VitkitModel
+from vitkit.models.base import ViTLayout
 from vitkit.registry import register_model
 
 T2T_SIZES = {  # Table 1 of the paper: the backbone after the T2T module
@@ -28,9 +29,9 @@ T2T_SIZES = {  # Table 1 of the paper: the backbone after the T2T module
 }
 
 
-def check_t2t_layers(t2t_layers, owner: str) -> tuple:
+def check_t2t_layers(name: str, t2t_layers, owner: str) -> tuple:
     """A non-empty sequence of (kernel_size, stride) pairs of positive ints, as tuples."""
-    rule = f"{owner}: `t2t_layers` must be a non-empty sequence of (kernel_size, stride) pairs"
+    rule = f"{owner}: `{name}` must be a non-empty sequence of (kernel_size, stride) pairs"
     if not isinstance(t2t_layers, (list, tuple)) or not t2t_layers:
         raise ValueError(f"{rule} of positive integers; got {t2t_layers!r}.")
     layers = []
@@ -81,7 +82,7 @@ class TokensToToken(VitkitLayer):
         super().__init__(**kwargs)
         owner = type(self).__name__
         self.dim = check_int("dim", dim, owner=owner)
-        self.t2t_layers = check_t2t_layers(t2t_layers, owner)
+        self.t2t_layers = check_t2t_layers("t2t_layers", t2t_layers, owner)
         self.channels = check_int("channels", channels, owner=owner)
         self.dropout = check_rate("dropout", dropout, owner=owner)
         self.data_format = check_choice("data_format", data_format, DATA_FORMATS, owner)
@@ -163,7 +164,7 @@ class TokensToToken(VitkitLayer):
 )
 # fmt: on
 @keras.saving.register_keras_serializable(package="vitkit")
-class T2TViT(VitkitModel):
+class T2TViT(ViTLayout):
     """ViT whose patch embedding is the Tokens-to-Token module (`TokensToToken`): overlapping
     soft splits with small transformers in between model local structure (edges, lines) that
     hard patches cut through. Then a class token, learned positions and a transformer encoder
@@ -198,6 +199,8 @@ class T2TViT(VitkitModel):
         (1, 1000)
     """
 
+    with_class_token = True  # also with pool="mean": the mean takes it in
+
     def __init__(
         self,
         *,
@@ -218,28 +221,19 @@ class T2TViT(VitkitModel):
         **kwargs,
     ):
         super().__init__(data_format=data_format, **kwargs)
+        self.keep_args(
+            locals(),
+            depth=optional(integer()),
+            heads=optional(integer()),
+            mlp_dim=optional(integer()),
+            transformer=self.optional_layer,
+            t2t_layers=check_t2t_layers,
+        )
         owner = type(self).__name__
-        if transformer is not None and not isinstance(transformer, keras.layers.Layer):
-            raise ValueError(
-                f"{owner}: `transformer` must be a Keras layer mapping (b, n, dim) to "
-                f"(b, n, dim), or None; got {type(transformer).__name__}."
-            )
-        self.image_size = image_size
-        self.num_classes = check_int("num_classes", num_classes, owner=owner)
-        self.dim = check_int("dim", dim, owner=owner)
         # the built-in encoder needs its sizes; a given one makes them unused
-        for name, value in (("depth", depth), ("heads", heads), ("mlp_dim", mlp_dim)):
-            if value is None and transformer is None:
+        for name in ("depth", "heads", "mlp_dim"):
+            if getattr(self, name) is None and transformer is None:
                 raise ValueError(f"{owner}: `{name}` is required unless `transformer` is given.")
-            if value is not None:
-                check_int(name, value, owner=owner)
-        self.depth, self.heads, self.mlp_dim = depth, heads, mlp_dim
-        self.pool = check_choice("pool", pool, ("cls", "mean"), owner)
-        self.channels = check_int("channels", channels, owner=owner)
-        self.dim_head = check_int("dim_head", dim_head, owner=owner)
-        self.dropout = check_rate("dropout", dropout, owner=owner)
-        self.emb_dropout = check_rate("emb_dropout", emb_dropout, owner=owner)
-        self.t2t_layers = check_t2t_layers(t2t_layers, owner)
         self.image_hw = check_pair("image_size", image_size, owner=owner)
         rows, cols = (soft_split_size(side, self.t2t_layers) for side in self.image_hw)
         if min(rows, cols) < 1:
@@ -247,26 +241,32 @@ class T2TViT(VitkitModel):
                 f"{owner}: `image_size` {self.image_hw} is too small for `t2t_layers` "
                 f"{self.t2t_layers}: a soft split leaves no token."
             )
-
-        policy = self.dtype_policy
-        self.patch_embed = TokensToToken(
-            dim, self.t2t_layers, channels, dropout, data_format, dtype=policy, name="t2t"
-        )
-        self.cls_token = ClassToken(dtype=policy, name="cls_token")
-        self.pos_embedding = LearnedPositionEmbedding(
-            rows * cols + 1, dtype=policy, name="pos_embedding"
-        )
-        self.embedding_dropout = keras.layers.Dropout(emb_dropout, dtype=policy)
         self._transformer_given = transformer is not None
-        self.transformer = (
-            transformer
-            if transformer is not None
-            else Transformer(
-                dim, depth, heads, dim_head, mlp_dim, dropout, dtype=policy, name="transformer"
+        self.make_layers(rows * cols)
+
+    @staticmethod
+    def optional_layer(name, transformer, owner):
+        """`transformer`'s rule: None or a Keras layer."""
+        if transformer is not None and not isinstance(transformer, keras.layers.Layer):
+            raise ValueError(
+                f"{owner}: `{name}` must be a Keras layer mapping (b, n, dim) to "
+                f"(b, n, dim), or None; got {type(transformer).__name__}."
             )
-        )
-        self.pooling = TokenPool(pool, dtype=policy, name="pool")
-        self.head = keras.layers.Dense(num_classes, dtype=policy, name="head")
+        return transformer
+
+    def make_patch_embedding(self):
+        return TokensToToken(
+            self.dim, self.t2t_layers, self.channels, self.dropout, self.data_format,
+            dtype=self.dtype_policy, name="t2t",
+        )  # fmt: skip
+
+    def make_transformer(self):
+        if self._transformer_given:
+            return self.transformer
+        return Transformer(
+            self.dim, self.depth, self.heads, self.dim_head, self.mlp_dim, self.dropout,
+            dtype=self.dtype_policy, name="transformer",
+        )  # fmt: skip
 
     def get_config(self):
         config = super().get_config()
@@ -294,26 +294,11 @@ class T2TViT(VitkitModel):
                 f"{height}x{width} images",
             )
 
-    def call(self, images, training=None):
-        x = self.patch_embed(self.check_images(images), training=training)  # (b, n, dim)
-        x = self.pos_embedding(self.cls_token(x))  # (b, 1 + n, dim)
-        x = self.transformer(self.embedding_dropout(x, training=training), training=training)
+    def encode(self, x, training=None):
+        x = super().encode(x, training=training)
         if x.shape[-1] is not None and x.shape[-1] != self.dim:
             raise ValueError(
                 f"T2TViT: `transformer` must keep the token width `dim`={self.dim}; it "
                 f"returned tokens of width {x.shape[-1]}."
             )
-        return self.head(self.pooling(x))  # (b, num_classes)
-
-    def vit_pytorch_state_map(self):
-        """Our weights under the names of `vit_pytorch.t2t.T2TViT`'s state dict (a custom
-        `transformer` maps through its own `vit_pytorch_state_map`, or a Keras leaf rule)."""
-        return {
-            "to_patch_embedding": self.patch_embed.vit_pytorch_state_map(),
-            "cls_token": Reshaped(self.cls_token.token, (1, 1, self.dim)),
-            "pos_embedding": Reshaped(
-                self.pos_embedding.embedding, (1, self.pos_embedding.length, self.dim)
-            ),
-            "transformer": self.transformer,
-            "mlp_head": self.head,
-        }
+        return x

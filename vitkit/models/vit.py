@@ -6,15 +6,8 @@ from __future__ import annotations
 import keras
 
 from vitkit.convert.mapping import Empty
-from vitkit.layers import (
-    ClassToken,
-    LearnedPositionEmbedding,
-    PatchEmbedding,
-    TokenPool,
-    Transformer,
-)
-from vitkit.layers.utils import check_choice, check_divisible, check_int, check_pair, check_rate
-from vitkit.models.base import VitkitModel
+from vitkit.layers import Transformer
+from vitkit.models.base import ViTLayout
 from vitkit.registry import register_model
 
 VIT_SIZES = {  # Table 1 of the paper, plus DeiT's tiny and small
@@ -25,20 +18,24 @@ VIT_SIZES = {  # Table 1 of the paper, plus DeiT's tiny and small
 }
 
 
+# Test configurations; `DistillableViT`, which takes the same arguments, is checked on them too.
 # fmt: off
+VIT_TINY = dict(
+    image_size=(24, 20), patch_size=(4, 5), num_classes=7, dim=18, depth=2, heads=3, dim_head=5,
+    mlp_dim=26,
+)
+VIT_PARITY = [
+    VIT_TINY,
+    dict(image_size=32, patch_size=8, num_classes=5, dim=24, depth=3, heads=2, mlp_dim=40,
+         pool="mean", channels=1, dim_head=7, dropout=0.1, emb_dropout=0.1),
+    dict(image_size=(18, 30), patch_size=(6, 10), num_classes=0, dim=12, depth=1, heads=1,
+         dim_head=12, mlp_dim=9, channels=2),
+]
+
+
 @register_model(
-    tiny=dict(
-        image_size=(24, 20), patch_size=(4, 5), num_classes=7, dim=18, depth=2, heads=3,
-        dim_head=5, mlp_dim=26,
-    ),
-    parity=[
-        dict(image_size=(24, 20), patch_size=(4, 5), num_classes=7, dim=18, depth=2, heads=3,
-             dim_head=5, mlp_dim=26),
-        dict(image_size=32, patch_size=8, num_classes=5, dim=24, depth=3, heads=2, mlp_dim=40,
-             pool="mean", channels=1, dim_head=7, dropout=0.1, emb_dropout=0.1),
-        dict(image_size=(18, 30), patch_size=(6, 10), num_classes=0, dim=12, depth=1, heads=1,
-             dim_head=12, mlp_dim=9, channels=2),
-    ],
+    tiny=VIT_TINY,
+    parity=VIT_PARITY,
     presets={
         f"vit_{size}_patch16_224": dict(image_size=224, patch_size=16, num_classes=1000, **dims)
         for size, dims in VIT_SIZES.items()
@@ -56,7 +53,7 @@ VIT_SIZES = {  # Table 1 of the paper, plus DeiT's tiny and small
 )
 # fmt: on
 @keras.saving.register_keras_serializable(package="vitkit")
-class ViT(VitkitModel):
+class ViT(ViTLayout):
     """The Vision Transformer: split the image into patches, embed each as a token, prepend a
     class token, add learned position embeddings, run a transformer encoder, classify.
 
@@ -84,6 +81,7 @@ class ViT(VitkitModel):
     """
 
     min_classes = 0  # `num_classes=0`: no head, the encoder's tokens come out
+    batched_reference_tables = False  # vit-pytorch's `vit.ViT` keeps (n, dim) tables
 
     def __init__(
         self,
@@ -104,76 +102,25 @@ class ViT(VitkitModel):
         **kwargs,
     ):
         super().__init__(data_format=data_format, **kwargs)
-        owner = type(self).__name__
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_classes = check_int(
-            "num_classes", num_classes, minimum=self.min_classes, owner=owner
+        self.keep_args(locals())
+        rows, cols = self.patch_grid()
+        self.make_layers(rows * cols)
+
+    def make_transformer(self):
+        return Transformer(
+            self.dim,
+            self.depth,
+            self.heads,
+            self.dim_head,
+            self.mlp_dim,
+            self.dropout,
+            dtype=self.dtype_policy,
+            name="transformer",
         )
-        self.dim = check_int("dim", dim, owner=owner)
-        self.depth = check_int("depth", depth, owner=owner)
-        self.heads = check_int("heads", heads, owner=owner)
-        self.mlp_dim = check_int("mlp_dim", mlp_dim, owner=owner)
-        self.pool = check_choice("pool", pool, ("cls", "mean"), owner)
-        self.channels = check_int("channels", channels, owner=owner)
-        self.dim_head = check_int("dim_head", dim_head, owner=owner)
-        self.dropout = check_rate("dropout", dropout, owner=owner)
-        self.emb_dropout = check_rate("emb_dropout", emb_dropout, owner=owner)
-
-        self.image_hw = check_pair("image_size", image_size, owner=owner)
-        self.patch_hw = check_pair("patch_size", patch_size, owner=owner)
-        rows, cols = check_divisible(self.image_hw, self.patch_hw, owner)
-        num_cls_tokens = 1 if pool == "cls" else 0
-
-        policy = self.dtype_policy
-        self.patch_embed = PatchEmbedding(
-            dim, self.patch_hw, data_format=data_format, dtype=policy, name="patch_embed"
-        )
-        self.cls_token = ClassToken(dtype=policy, name="cls_token") if num_cls_tokens else None
-        self.pos_embedding = LearnedPositionEmbedding(
-            rows * cols + num_cls_tokens, dtype=policy, name="pos_embedding"
-        )
-        self.embedding_dropout = keras.layers.Dropout(emb_dropout, dtype=policy)
-        self.transformer = Transformer(
-            dim, depth, heads, dim_head, mlp_dim, dropout, dtype=policy, name="transformer"
-        )
-        self.pooling = TokenPool(pool, dtype=policy, name="pool")
-        self.head = (
-            keras.layers.Dense(num_classes, dtype=policy, name="head") if num_classes else None
-        )
-
-    def check_spatial(self, height, width):
-        self.check_patch_grid(height, width)
-
-    def call(self, images, training=None):
-        x = self.encode(self.embed(images), training=training)
-        return x if self.head is None else self.classify(x)
-
-    # The pieces of `call`, for variants that add tokens (DistillableViT) -------------------
-
-    def embed(self, images):
-        """Images -> patch tokens, class token first, positions added: `(b, [1 +] n, dim)`."""
-        x = self.patch_embed(self.check_images(images))  # (b, n, dim)
-        if self.cls_token is not None:
-            x = self.cls_token(x)  # (b, 1 + n, dim)
-        return self.pos_embedding(x)
-
-    def encode(self, x, training=None):
-        """Embedding dropout, then the transformer: `(b, m, dim) -> (b, m, dim)`."""
-        x = self.embedding_dropout(x, training=training)
-        return self.transformer(x, training=training)
-
-    def classify(self, x):
-        """Encoded tokens -> `(b, num_classes)`: class token or mean, then the head."""
-        return self.head(self.pooling(x))
 
     def vit_pytorch_state_map(self):
         """Our weights under the names of `vit_pytorch.vit.ViT`'s state dict."""
-        return {
-            "to_patch_embedding": self.patch_embed.vit_pytorch_state_map(),
-            # vit-pytorch keeps a (0, dim) class token when pool="mean"
-            "cls_token": self.cls_token.token if self.cls_token else Empty((0, self.dim)),
-            "pos_embedding": self.pos_embedding.embedding,
-            "transformer": self.transformer.vit_pytorch_state_map(),
-            **({"mlp_head": self.head} if self.head is not None else {}),
-        }
+        names = super().vit_pytorch_state_map()
+        if self.cls_token is None:  # vit-pytorch keeps a (0, dim) class token when pool="mean"
+            names["cls_token"] = Empty((0, self.dim))
+        return names

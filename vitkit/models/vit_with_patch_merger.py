@@ -6,17 +6,10 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vitkit.convert.mapping import Reshaped
-from vitkit.layers import (
-    LearnedPositionEmbedding,
-    PatchEmbedding,
-    TokenPool,
-    Transformer,
-    VitkitLayer,
-)
-from vitkit.layers.attention import LN_EPSILON
-from vitkit.layers.utils import check_divisible, check_int, check_pair, check_rate
-from vitkit.models.base import VitkitModel
+from vitkit.layers import Transformer, VitkitLayer
+from vitkit.layers.attention import layer_norm
+from vitkit.layers.utils import check_int, integer, optional
+from vitkit.models.base import ViTLayout
 from vitkit.registry import register_model
 
 
@@ -44,9 +37,7 @@ class PatchMerger(VitkitLayer):
         self.dim = check_int("dim", dim, owner=owner)
         self.num_tokens_out = check_int("num_tokens_out", num_tokens_out, owner=owner)
         self.scale = dim**-0.5
-        self.norm_layer = keras.layers.LayerNormalization(
-            epsilon=LN_EPSILON, dtype=self.dtype_policy, name="norm"
-        )
+        self.norm_layer = layer_norm("norm", self.dtype_policy)
 
     def build(self, input_shape):
         if input_shape[-1] != self.dim:
@@ -146,29 +137,20 @@ class PatchMergerTransformer(Transformer):
 # fmt: on
 # vit-pytorch has many `ViT`s: the package tells Keras which one this is.
 @keras.saving.register_keras_serializable(package="vitkit.vit_with_patch_merger")
-class ViT(VitkitModel):
+class ViT(ViTLayout):
     """ViT whose encoder merges its tokens into a few half-way through: after block
     `patch_merge_layer`, a `PatchMerger` turns the `n` patch tokens into
     `patch_merge_num_tokens`, so later blocks cost less. No class token: the encoded tokens are
     averaged for the head.
 
     Args:
-        image_size: int or (height, width). Smaller images work too, if both sides are
-            divisible by the patch; they use the first rows of the position table.
-        patch_size: int or (height, width); must divide `image_size`.
-        num_classes: number of outputs.
-        dim: token width.
-        depth: number of transformer blocks.
-        heads: attention heads per block.
-        mlp_dim: hidden width of each feed-forward block.
         patch_merge_layer: the block (1 to `depth`) after which tokens are merged; `None`
             means `depth // 2` (with `depth=1`: no merge, as in vit-pytorch).
         patch_merge_num_tokens: tokens after the merge.
-        channels: image channels.
-        dim_head: width of each attention head.
-        dropout: dropout inside the transformer.
-        emb_dropout: dropout on the embedded tokens.
-        data_format: `"channels_last"` (b, h, w, c) or `"channels_first"` (b, c, h, w).
+        Everything else as `vitkit.models.vit.ViT` (no `pool`: the tokens are averaged;
+        `num_classes` >= 1): `image_size`, `patch_size`, `num_classes`, `dim`, `depth`,
+        `heads`, `mlp_dim`, `channels=3`, `dim_head=64`, `dropout=0.0`, `emb_dropout=0.0`,
+        `data_format="channels_last"`.
 
     Example:
         >>> v = ViT(image_size=256, patch_size=16, num_classes=1000, dim=1024, depth=12,
@@ -176,6 +158,8 @@ class ViT(VitkitModel):
         >>> v(np.zeros((4, 256, 256, 3))).shape
         (4, 1000)
     """
+
+    pool = "mean"  # no class token: the merged tokens are averaged
 
     def __init__(
         self,
@@ -197,65 +181,27 @@ class ViT(VitkitModel):
         **kwargs,
     ):
         super().__init__(data_format=data_format, **kwargs)
-        owner = type(self).__name__
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_classes = check_int("num_classes", num_classes, owner=owner)
-        self.dim = check_int("dim", dim, owner=owner)
-        self.depth = check_int("depth", depth, owner=owner)
-        self.heads = check_int("heads", heads, owner=owner)
-        self.mlp_dim = check_int("mlp_dim", mlp_dim, owner=owner)
-        self.patch_merge_layer = patch_merge_layer
-        if patch_merge_layer is not None:
-            check_int("patch_merge_layer", patch_merge_layer, owner=owner)
-            if patch_merge_layer > depth:
-                raise ValueError(
-                    f"{owner}: `patch_merge_layer` must be a block of the transformer, "
-                    f"1 to `depth` = {depth}; got {patch_merge_layer}."
-                )
-        self.patch_merge_num_tokens = check_int(
-            "patch_merge_num_tokens", patch_merge_num_tokens, owner=owner
+        self.keep_args(
+            locals(), patch_merge_layer=optional(integer()), patch_merge_num_tokens=integer()
         )
-        self.channels = check_int("channels", channels, owner=owner)
-        self.dim_head = check_int("dim_head", dim_head, owner=owner)
-        self.dropout = check_rate("dropout", dropout, owner=owner)
-        self.emb_dropout = check_rate("emb_dropout", emb_dropout, owner=owner)
+        if patch_merge_layer is not None and patch_merge_layer > depth:
+            raise ValueError(
+                f"{type(self).__name__}: `patch_merge_layer` must be a block of the "
+                f"transformer, 1 to `depth` = {depth}; got {patch_merge_layer}."
+            )
+        rows, cols = self.patch_grid()
+        self.make_layers(rows * cols)
 
-        self.image_hw = check_pair("image_size", image_size, owner=owner)
-        self.patch_hw = check_pair("patch_size", patch_size, owner=owner)
-        rows, cols = check_divisible(self.image_hw, self.patch_hw, owner)
-
-        policy = self.dtype_policy
-        self.patch_embed = PatchEmbedding(
-            dim, self.patch_hw, data_format=data_format, dtype=policy, name="patch_embed"
-        )
+    def position_count(self):
         # vit-pytorch's table has a row for a class token this model does not have.
-        self.pos_embedding = LearnedPositionEmbedding(
-            rows * cols + 1, dtype=policy, name="pos_embedding"
-        )
-        self.embedding_dropout = keras.layers.Dropout(emb_dropout, dtype=policy)
-        self.transformer = PatchMergerTransformer(
-            dim, depth, heads, dim_head, mlp_dim, dropout, patch_merge_layer,
-            patch_merge_num_tokens, dtype=policy, name="transformer",
+        return self.num_patches + 1
+
+    def make_transformer(self):
+        return PatchMergerTransformer(
+            self.dim, self.depth, self.heads, self.dim_head, self.mlp_dim, self.dropout,
+            self.patch_merge_layer, self.patch_merge_num_tokens, dtype=self.dtype_policy,
+            name="transformer",
         )  # fmt: skip
-        self.pooling = TokenPool("mean", dtype=policy, name="pool")
-        self.head = keras.layers.Dense(num_classes, dtype=policy, name="head")
 
-    def check_spatial(self, height, width):
-        self.check_patch_grid(height, width)
-
-    def call(self, images, training=None):
-        x = self.patch_embed(self.check_images(images))  # (b, n, dim)
-        x = self.embedding_dropout(self.pos_embedding(x), training=training)
-        x = self.transformer(x, training=training)  # (b, patch_merge_num_tokens, dim)
-        return self.head(self.pooling(x))  # mean over tokens -> (b, num_classes)
-
-    def vit_pytorch_state_map(self):
-        """Our weights under the names of `vit_pytorch.vit_with_patch_merger.ViT`'s."""
-        table = self.pos_embedding.embedding
-        return {
-            "to_patch_embedding": self.patch_embed.vit_pytorch_state_map(),
-            "pos_embedding": Reshaped(table, (1, *table.shape)),
-            "transformer": self.transformer.vit_pytorch_state_map(),
-            "mlp_head.1": self.head,
-        }
+    def head_state_map(self):
+        return {"mlp_head.1": self.head}  # after vit-pytorch's Reduce (mean)

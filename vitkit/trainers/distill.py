@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.attention import layer_norm
 from vitkit.layers.base import ConfigMixin
 from vitkit.layers.utils import reject_unknown_kwargs
 from vitkit.models.distill import DistillableViT
@@ -87,11 +87,7 @@ class DistillWrapper(ConfigMixin, keras.Model):
         self.mlp_layernorm = bool(mlp_layernorm)
 
         policy = self.dtype_policy
-        self.distill_norm = (
-            keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=policy, name="distill_norm")
-            if mlp_layernorm
-            else None
-        )
+        self.distill_norm = layer_norm("distill_norm", policy, mlp_layernorm)
         self.distill_head = keras.layers.Dense(
             student.num_classes, dtype=policy, name="distill_head"
         )
