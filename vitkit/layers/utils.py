@@ -199,11 +199,14 @@ def zero_pad(x, axis: int, before: int = 0, after: int = 0):
     layer called after `ops.pad` breaks the graph ("mapping proxy affected by dictionary
     mutation", torch 2.13 with Keras 3.15).
     """
-    zeros = ops.zeros_like(ops.take(x, [0], axis=axis))  # one slice of zeros
-    parts = [ops.repeat(zeros, before, axis=axis)] if before else []
+
+    def zeros(count):  # (no `ops.repeat`: Keras 3.15's fails on torch's meta device)
+        return ops.zeros_like(ops.take(x, [0] * count, axis=axis))
+
+    parts = [zeros(before)] if before else []
     parts.append(x)
     if after:
-        parts.append(ops.repeat(zeros, after, axis=axis))
+        parts.append(zeros(after))
     return ops.concatenate(parts, axis=axis) if len(parts) > 1 else x
 
 

@@ -23,6 +23,14 @@ def gather_tokens(x, ids):
     return ops.take_along_axis(x, index, axis=1)
 
 
+def first_argmax(x, positions):
+    """`argmax` over the last axis of `x` (first index on ties), with `positions` the int32
+    `arange` of that axis. Written with amax and amin: TensorFlow's float `argmax` lowers to
+    a `Bitcast` that ONNX has no operator for, and `ops.max` breaks torch.compile."""
+    at_max = x == ops.amax(x, axis=-1, keepdims=True)
+    return ops.amin(ops.where(at_max, positions, x.shape[-1]), axis=-1)
+
+
 @keras.saving.register_keras_serializable(package="vitkit")
 class AdaptiveTokenSampling(VitkitLayer):
     """Chooses which tokens go on (the paper's section 3.2, with vit-pytorch's sampler).
@@ -94,8 +102,8 @@ class AdaptiveTokenSampling(VitkitLayer):
         # K Gumbel-max draws, positions 0..n-2 among the patch tokens
         u = self.uniform_noise(batch, tokens, training=training)
         gumbel = -ops.log(-ops.log(u + eps) + eps)
-        draws = ops.cast(ops.argmax(logits[:, None, :] + gumbel, axis=-1), "int32")  # (b, K)
         positions = ops.arange(tokens, dtype="int32")
+        draws = first_argmax(logits[:, None, :] + gumbel, positions)  # (b, K)
         drawn = ops.any(ops.expand_dims(draws, -1) == positions, axis=1)  # (b, n - 1)
         fits = ops.sum(ops.cast(valid, "int32"), axis=-1, keepdims=True) <= k
         drawn = ops.where(fits, valid, drawn)

@@ -101,7 +101,7 @@ class ParallelTransformer(Transformer):
                 dim_head=16, mlp_dim=128, channels=1),
 )
 # fmt: on
-@keras.saving.register_keras_serializable(package="vitkit", name="parallel_vit.ViT")
+@keras.saving.register_keras_serializable(package="vitkit.parallel_vit")
 class ViT(ClassicViT):
     """ViT with parallel blocks (sec. 2): each block runs `num_parallel_branches` attention
     layers, then as many feed-forward layers, side by side, each group summed into the residual.

@@ -118,7 +118,7 @@ class LSATransformer(Transformer):
                 dim_head=16, mlp_dim=128, channels=1),
 )
 # fmt: on
-@keras.saving.register_keras_serializable(package="vitkit", name="vit_for_small_dataset.ViT")
+@keras.saving.register_keras_serializable(package="vitkit.vit_for_small_dataset")
 class ViT(ClassicViT):
     """ViT with shifted patch tokens (`SPT`) and locality self-attention (sec. 3): each
     attention layer learns its softmax temperature and masks out each token's attention to
