@@ -30,11 +30,22 @@ def random_images(model_or_config, batch, seed=0, data_format=None, size=None):
         c = model.get("channels", 3)
         data_format = data_format or model.get("data_format", "channels_last")
     else:
-        h, w = size or model.image_hw
-        c = model.channels
+        h, w = size or image_size(model)
+        c = model.image_channels
         data_format = data_format or model.data_format
     x = np.random.default_rng(seed).normal(size=(batch, h, w, c)).astype("float32")
     return x if data_format == "channels_last" else x.transpose(0, 3, 1, 2)
+
+
+def image_size(model) -> tuple:
+    """The size of the images the tests feed `model`: its configured size, or its registry
+    entry's `input_size` when its constructor names none (CvT)."""
+    if model.image_hw is not None:
+        return tuple(model.image_hw)
+    import vitkit
+
+    (spec,) = [s for s in map(vitkit.get_spec, vitkit.list_models()) if s.cls is type(model)]
+    return spec.input_size
 
 
 def _pair(v):

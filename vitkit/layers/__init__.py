@@ -2,6 +2,15 @@
 
 from vitkit.layers.attention import Attention
 from vitkit.layers.base import ConfigMixin, VitkitLayer
+from vitkit.layers.conv import (
+    ChannelLayerNorm,
+    ConvNormAct,
+    ConvStem,
+    MaxPool,
+    map_to_tokens,
+    tokens_to_map,
+)
+from vitkit.layers.drop_path import DropPath
 from vitkit.layers.embedding import (
     ClassToken,
     LearnedPositionEmbedding,
@@ -15,14 +24,21 @@ from vitkit.layers.transformer import Transformer
 
 __all__ = [
     "Attention",
+    "ChannelLayerNorm",
     "ClassToken",
     "ConfigMixin",
+    "ConvNormAct",
+    "ConvStem",
+    "DropPath",
     "FeedForward",
     "LearnedPositionEmbedding",
+    "MaxPool",
     "PatchEmbedding",
     "SinCosPositionEmbedding2D",
     "TokenPool",
     "Transformer",
     "VitkitLayer",
+    "map_to_tokens",
     "sincos_2d_table",
+    "tokens_to_map",
 ]

@@ -39,6 +39,12 @@ class Attention(VitkitLayer):
         qkv_bias: whether the q, k, v projection has a bias.
         norm: whether to LayerNorm the input first (pre-norm).
         separate_kv: separate query and key/value projections; required for `context`.
+        attention_dropout: dropout on the attention weights alone, if it differs from
+            `dropout` (which then applies to the output projection only); `None` uses `dropout`.
+
+    Subclasses with other projections (convolutional, batch-normed, ...) override
+    `make_projections` and `build_projections` (which create and build `to_qkv`, or `to_q` and
+    `to_kv`) together with `queries_keys_values`.
     """
 
     fusable = True
@@ -54,6 +60,7 @@ class Attention(VitkitLayer):
         qkv_bias=False,
         norm=True,
         separate_kv=False,
+        attention_dropout=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -67,6 +74,12 @@ class Attention(VitkitLayer):
         self.qkv_bias = qkv_bias
         self.norm = norm
         self.separate_kv = separate_kv
+        self.attention_dropout = attention_dropout
+        attention_rate = (
+            self.dropout
+            if attention_dropout is None
+            else check_rate("attention_dropout", attention_dropout, owner=owner)
+        )
 
         self.inner_dim = heads * dim_head
         self.scale = dim_head**-0.5
@@ -79,18 +92,8 @@ class Attention(VitkitLayer):
             if norm
             else None
         )
-        if separate_kv:
-            self.to_q = keras.layers.Dense(
-                self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_q"
-            )
-            self.to_kv = keras.layers.Dense(
-                2 * self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_kv"
-            )
-        else:
-            self.to_qkv = keras.layers.Dense(
-                3 * self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_qkv"
-            )
-        self.attn_dropout = keras.layers.Dropout(dropout, dtype=policy)
+        self.make_projections()
+        self.attn_dropout = keras.layers.Dropout(attention_rate, dtype=policy)
         self.to_out = (
             keras.layers.Dense(dim, use_bias=out_bias, dtype=policy, name="to_out")
             if self.projects_out
@@ -98,14 +101,30 @@ class Attention(VitkitLayer):
         )
         self.out_dropout = keras.layers.Dropout(dropout, dtype=policy)
 
-    def build(self, input_shape):
-        if self.norm_layer is not None:
-            self.norm_layer.build(input_shape)
+    def make_projections(self):
+        """Create the input projections: `to_qkv`, or `to_q` and `to_kv`."""
+        policy, bias = self.dtype_policy, self.qkv_bias
+        if self.separate_kv:
+            self.to_q = keras.layers.Dense(self.inner_dim, use_bias=bias, dtype=policy, name="to_q")
+            self.to_kv = keras.layers.Dense(
+                2 * self.inner_dim, use_bias=bias, dtype=policy, name="to_kv"
+            )
+        else:
+            self.to_qkv = keras.layers.Dense(
+                3 * self.inner_dim, use_bias=bias, dtype=policy, name="to_qkv"
+            )
+
+    def build_projections(self, input_shape):
         if self.separate_kv:
             self.to_q.build(input_shape)
             self.to_kv.build(input_shape)
         else:
             self.to_qkv.build(input_shape)
+
+    def build(self, input_shape):
+        if self.norm_layer is not None:
+            self.norm_layer.build(input_shape)
+        self.build_projections(input_shape)
         if self.to_out is not None:
             self.to_out.build((*input_shape[:-1], self.inner_dim))
 
@@ -146,7 +165,7 @@ class Attention(VitkitLayer):
 
     def attend(self, q, k, v, training=None):
         """(b, n, h, d) queries, keys, values -> (b, n, h, d)."""
-        if self.fusable and not (training and self.dropout > 0):
+        if self.fusable and not (training and self.attn_dropout.rate > 0):
             return ops.dot_product_attention(
                 q, k, v, scale=self.scale, flash_attention=FLASH_ATTENTION
             )

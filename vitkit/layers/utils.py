@@ -129,3 +129,34 @@ def patchify(images, patch_size: Sequence[int], data_format: str = "channels_las
         x = ops.reshape(images, (b, c, hh // p1, p1, ww // p2, p2))
         x = ops.transpose(x, (0, 2, 4, 3, 5, 1))  # b h w p1 p2 c
     return ops.reshape(x, (b, (hh // p1) * (ww // p2), p1 * p2 * c))
+
+
+def check_positive(name: str, value, owner: str = "") -> float:
+    """A real number > 0 (bools refused), else a ValueError naming `name`."""
+    where = f"{owner}: " if owner else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{where}`{name}` must be a number > 0; got {value!r}.")
+    return value
+
+
+def check_int_tuple(name: str, value, minimum: int = 1, owner: str = "", length=None) -> tuple:
+    """A tuple (or list, as JSON gives it back) of ints >= `minimum`; of `length` items if
+    given (an int or a `range` of allowed lengths)."""
+    where = f"{owner}: " if owner else ""
+    allowed = range(length, length + 1) if isinstance(length, int) else length
+    if (
+        not isinstance(value, (tuple, list))
+        or not value
+        or (allowed is not None and len(value) not in allowed)
+    ):
+        size = "" if allowed is None else f" of {_lengths(allowed)} integers"
+        raise ValueError(f"{where}`{name}` must be a tuple{size} >= {minimum}; got {value!r}.")
+    for v in value:
+        check_int(name, v, minimum, owner)
+    return tuple(value)
+
+
+def _lengths(allowed: range) -> str:
+    if len(allowed) == 1:
+        return str(allowed[0])
+    return f"{allowed[0]} to {allowed[-1]}"

@@ -13,7 +13,8 @@ from vitkit.layers.utils import DATA_FORMATS, check_choice, image_shape, reject_
 class VitkitModel(ConfigMixin, keras.Model):
     """Base of every vitkit image model.
 
-    Subclasses set `self.image_hw` (the configured `(height, width)`) and `self.channels`, and
+    Subclasses set `self.image_hw` (the configured `(height, width)`) and `self.channels` (or
+    override `image_channels`, where `channels` means something else, as in MobileViT), and
     may override `check_spatial(height, width)` for the sizes they accept. `get_config()` returns
     exactly the constructor's arguments; unknown keyword arguments are a `TypeError`.
     """
@@ -27,11 +28,16 @@ class VitkitModel(ConfigMixin, keras.Model):
 
     # Inputs -----------------------------------------------------------------------------
 
+    @property
+    def image_channels(self) -> int:
+        """Channels of the input images."""
+        return self.channels
+
     def expected_shape(self, height="height", width="width") -> tuple:
         """The input shape as text, in this model's data format."""
         if self.data_format == "channels_last":
-            return ("batch", height, width, self.channels)
-        return ("batch", self.channels, height, width)
+            return ("batch", height, width, self.image_channels)
+        return ("batch", self.image_channels, height, width)
 
     def check_spatial(self, height: int, width: int) -> None:
         """Raise a ValueError if this model cannot take images of this size (static sizes only)."""
@@ -51,8 +57,10 @@ class VitkitModel(ConfigMixin, keras.Model):
         if len(shape) != 4:
             self.bad_input("rank 4", f"an input of shape {shape} (rank {len(shape)})")
         height, width, channels = image_shape(images, self.data_format)
-        if channels is not None and channels != self.channels:
-            self.bad_input(f"{self.channels} channels", f"shape {shape} ({channels} channels)")
+        if channels is not None and channels != self.image_channels:
+            self.bad_input(
+                f"{self.image_channels} channels", f"shape {shape} ({channels} channels)"
+            )
         if height is not None and width is not None:
             self.check_spatial(height, width)
         return ops.cast(images, self.compute_dtype)
@@ -61,8 +69,8 @@ class VitkitModel(ConfigMixin, keras.Model):
         """Shape of a batch of images of the configured size, in this model's data format."""
         h, w = self.image_hw
         if self.data_format == "channels_last":
-            return (batch, h, w, self.channels)
-        return (batch, self.channels, h, w)
+            return (batch, h, w, self.image_channels)
+        return (batch, self.image_channels, h, w)
 
     def build(self, input_shape):
         # One symbolic forward pass: every sublayer is built with the shapes it will see.
