@@ -31,7 +31,7 @@ def random_images(model_or_config, batch, seed=0, data_format=None, size=None):
         data_format = data_format or model.get("data_format", "channels_last")
     else:
         h, w = size or image_size(model)
-        c = model.image_channels
+        c = model.input_channels
         data_format = data_format or model.data_format
     x = np.random.default_rng(seed).normal(size=(batch, h, w, c)).astype("float32")
     return x if data_format == "channels_last" else x.transpose(0, 3, 1, 2)
@@ -42,10 +42,9 @@ def image_size(model) -> tuple:
     entry's `input_size` when its constructor names none (CvT)."""
     if model.image_hw is not None:
         return tuple(model.image_hw)
-    import vitkit
+    from vitkit.registry import spec_of
 
-    (spec,) = [s for s in map(vitkit.get_spec, vitkit.list_models()) if s.cls is type(model)]
-    return spec.input_size
+    return spec_of(model).input_size
 
 
 def _pair(v):
@@ -120,23 +119,28 @@ def gradients(model, x, weights):
     return [w.value.grad for w in weights]
 
 
-def compiled_forward(model, x):
-    """The model's forward pass compiled: XLA on JAX and TensorFlow, torch.compile on torch."""
+def compiled_forward(model, x, training=False):
+    """The model's forward pass compiled: XLA on JAX and TensorFlow, torch.compile on torch.
+    `training=True` compiles the training-mode pass (random ops included)."""
     if BACKEND == "jax":
         import jax
 
         tv = [v.value for v in model.trainable_variables]
         ntv = [v.value for v in model.non_trainable_variables]
-        fn = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x)[0])
+        fn = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=training)[0])
         return fn(tv, ntv, x)
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(lambda x: model(x, training=False), jit_compile=True)(x)
+        return tf.function(lambda x: model(x, training=training), jit_compile=True)(x)
     import torch
 
-    # aot_eager: dynamo capture + AOT autograd tracing, without a C++ toolchain.
-    fn = torch.compile(lambda x: model(x, training=False), backend="aot_eager", fullgraph=True)
+    # aot_eager: dynamo capture + AOT autograd tracing, without a C++ toolchain. In training,
+    # Keras' torch seed generator is `torch.compiler.disable`d (Keras 3.15): random ops break
+    # the graph there, so only the inference pass is held to fullgraph.
+    fn = torch.compile(
+        lambda x: model(x, training=training), backend="aot_eager", fullgraph=not training
+    )
     return fn(torch.as_tensor(x))
 
 

@@ -37,7 +37,7 @@ def test_matches_vit_pytorch(name, index):
     spec, config, ref = reference_pair(name, index)
     ours = from_vit_pytorch(spec.cls(**config), ref.state_dict())
     h, w = image_size(ours)
-    x = np.random.default_rng(index).normal(size=(3, ours.image_channels, h, w))
+    x = np.random.default_rng(index).normal(size=(3, ours.input_channels, h, w))
     x = x.astype("float32")
     with torch.no_grad():
         expected = [y.numpy() for y in keras.tree.flatten(ref(torch.from_numpy(x)))]

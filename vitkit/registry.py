@@ -33,6 +33,7 @@ class ModelSpec:
             for the default, one row more than the tiny model's images.
         any_size: the model takes images of every size (CvT); the tests then check that one
             row more than the tiny model's images runs, instead of expecting an error.
+        export_gaps: `{format: reason}` for export formats this architecture cannot reach.
     """
 
     name: str
@@ -46,6 +47,7 @@ class ModelSpec:
     input_size: tuple | None = None
     invalid_size: tuple | None = None
     any_size: bool = False
+    export_gaps: dict = field(default_factory=dict)
 
 
 _MODELS: dict[str, ModelSpec] = {}
@@ -64,6 +66,7 @@ def register_model(
     input_size: tuple | None = None,
     invalid_size: tuple | None = None,
     any_size: bool = False,
+    export_gaps: dict | None = None,
 ):
     """Class decorator that registers an architecture under its module's name."""
 
@@ -83,6 +86,7 @@ def register_model(
             input_size=tuple(input_size) if input_size is not None else None,
             invalid_size=tuple(invalid_size) if invalid_size is not None else None,
             any_size=any_size,
+            export_gaps=dict(export_gaps or {}),
         )
         _MODELS[arch] = spec
         for preset in spec.presets:
@@ -120,6 +124,15 @@ def get_spec(name: str) -> ModelSpec:
         known = ", ".join(sorted(_MODELS) + sorted(_PRESETS))
         raise ValueError(f"unknown model or preset {name!r}; known: {known}.")
     return _MODELS[arch]
+
+
+def spec_of(model) -> ModelSpec | None:
+    """The `ModelSpec` whose class `model` is an instance of (None for unregistered models)."""
+    _load_all()
+    for spec in _MODELS.values():
+        if type(model) is spec.cls:
+            return spec
+    return None
 
 
 def create_model(name: str, **kwargs):

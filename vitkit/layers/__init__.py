@@ -1,6 +1,7 @@
 """Shared building blocks. Papers extend these through arguments or small subclasses."""
 
 from vitkit.layers.attention import Attention
+from vitkit.layers.attention_variants import LocalitySelfAttention, TalkingHeadsAttention, mix_heads
 from vitkit.layers.base import ConfigMixin, VitkitLayer
 from vitkit.layers.conv import (
     ChannelLayerNorm,
@@ -20,6 +21,7 @@ from vitkit.layers.embedding import (
     sincos_2d_table,
 )
 from vitkit.layers.feed_forward import FeedForward
+from vitkit.layers.layer_scale import LayerScale, layer_scale_init
 from vitkit.layers.transformer import Transformer
 
 __all__ = [
@@ -31,14 +33,19 @@ __all__ = [
     "ConvStem",
     "DropPath",
     "FeedForward",
+    "LayerScale",
     "LearnedPositionEmbedding",
+    "LocalitySelfAttention",
     "MaxPool",
     "PatchEmbedding",
     "SinCosPositionEmbedding2D",
+    "TalkingHeadsAttention",
     "TokenPool",
     "Transformer",
     "VitkitLayer",
+    "layer_scale_init",
     "map_to_tokens",
+    "mix_heads",
     "sincos_2d_table",
     "tokens_to_map",
 ]

@@ -20,8 +20,10 @@ class Attention(VitkitLayer):
     `LayerNorm -> one projection to q, k, v -> softmax(q k^T / sqrt(dim_head)) v -> output
     projection`. The product goes through `keras.ops.dot_product_attention`, so each backend
     runs its fused kernel. Variants that must see the attention matrix set `fusable = False`
-    and override `transform_scores` (before the softmax) or `transform_attention` (after it);
-    dropout on the attention weights also takes that explicit path, in training only.
+    and override `transform_scores` (before the softmax), `transform_attention` (after it and
+    its dropout) or `score_scale` (the factor on `q k^T`); dropout on the attention weights
+    also takes that explicit path, in training only. `vitkit.layers.attention_variants` holds
+    the variants more than one paper uses.
 
     With `separate_kv=True` the queries and the keys/values have their own projections
     (`to_q`, `to_kv`), and `call(x, context=...)` attends from `x` to `[x, context]`: the keys
@@ -151,17 +153,24 @@ class Attention(VitkitLayer):
         return scores
 
     def transform_attention(self, attn):
-        """Hook on the attention weights `(b, h, n_q, n_k)` after the softmax."""
+        """Hook on the attention weights `(b, h, n_q, n_k)` after the softmax and its dropout."""
         return attn
 
+    def score_scale(self, dtype):
+        """The factor on `q k^T`: `dim_head ** -0.5` (LSA learns it instead)."""
+        return ops.cast(self.scale, dtype)
+
     def attention_weights(self, q, k, training=None):
-        """softmax(q k^T * scale) with the hooks applied: `(b, h, n_q, n_k)`."""
-        scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * ops.cast(self.scale, q.dtype)
+        """softmax(q k^T * scale) with the hooks applied: `(b, h, n_q, n_k)`.
+
+        Dropout acts on the softmax's output, before `transform_attention`, as in every
+        vit-pytorch variant that post-processes the weights (DeepViT, CaiT, ATS)."""
+        scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * self.score_scale(q.dtype)
         scores = self.transform_scores(scores)
         # Softmax in float32 under mixed precision, as keras.layers.MultiHeadAttention does.
         attn = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), q.dtype)
-        attn = self.transform_attention(attn)
-        return self.attn_dropout(attn, training=training)
+        attn = self.attn_dropout(attn, training=training)
+        return self.transform_attention(attn)
 
     def attend(self, q, k, v, training=None):
         """(b, n, h, d) queries, keys, values -> (b, n, h, d)."""

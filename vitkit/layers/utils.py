@@ -160,3 +160,38 @@ def _lengths(allowed: range) -> str:
     if len(allowed) == 1:
         return str(allowed[0])
     return f"{allowed[0]} to {allowed[-1]}"
+
+
+def zero_pad(x, axis: int, before: int = 0, after: int = 0):
+    """`x` with `before` and `after` zeros along `axis`.
+
+    Concatenated zeros rather than `ops.pad`: under torch.compile(fullgraph=True), a Keras
+    layer called after `ops.pad` breaks the graph ("mapping proxy affected by dictionary
+    mutation", torch 2.13 with Keras 3.15).
+    """
+    zeros = ops.zeros_like(ops.take(x, [0], axis=axis))  # one slice of zeros
+    parts = [ops.repeat(zeros, before, axis=axis)] if before else []
+    parts.append(x)
+    if after:
+        parts.append(ops.repeat(zeros, after, axis=axis))
+    return ops.concatenate(parts, axis=axis) if len(parts) > 1 else x
+
+
+def unfold(images, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int]):
+    """`torch.nn.Unfold` for channels-last images: every (kh, kw) window, zero padding.
+
+    `(b, h, w, c) -> (b, oh, ow, c * kh * kw)` with each window's values in torch's
+    `(c, kh, kw)` order, so the weights that follow load unchanged. One strided slice per
+    kernel offset: static shapes, no gather, no patch-extraction convolution.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    x = zero_pad(zero_pad(images, 1, ph, ph), 2, pw, pw)
+    _, hh, ww, c = x.shape
+    oh, ow = (hh - kh) // sh + 1, (ww - kw) // sw + 1
+    windows = [
+        x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    x = ops.stack(windows, axis=-1)  # (b, oh, ow, c, kh * kw)
+    return ops.reshape(x, (-1, oh, ow, c * kh * kw))

@@ -13,10 +13,12 @@ from vitkit.layers.utils import DATA_FORMATS, check_choice, image_shape, reject_
 class VitkitModel(ConfigMixin, keras.Model):
     """Base of every vitkit image model.
 
-    Subclasses set `self.image_hw` (the configured `(height, width)`) and `self.channels` (or
-    override `image_channels`, where `channels` means something else, as in MobileViT), and
-    may override `check_spatial(height, width)` for the sizes they accept. `get_config()` returns
-    exactly the constructor's arguments; unknown keyword arguments are a `TypeError`.
+    Subclasses set `self.image_hw` (the configured `(height, width)`; `None` for a model whose
+    constructor names no image size, which then overrides `default_image_hw`) and
+    `self.channels` (the image channels; a model whose `channels` argument means something else
+    overrides the `input_channels` property instead), and may override
+    `check_spatial(height, width)` for the sizes they accept. `get_config()` returns exactly the
+    constructor's arguments; unknown keyword arguments are a `TypeError`.
     """
 
     def __init__(self, *, data_format="channels_last", **kwargs):
@@ -29,15 +31,21 @@ class VitkitModel(ConfigMixin, keras.Model):
     # Inputs -----------------------------------------------------------------------------
 
     @property
-    def image_channels(self) -> int:
-        """Channels of the input images."""
+    def input_channels(self) -> int:
+        """Channels of the images this model takes."""
         return self.channels
+
+    @property
+    def default_image_hw(self) -> tuple[int, int]:
+        """(height, width) of the images the model is built at, exported at and fed (by the
+        CLI) unless told otherwise: its configured `image_hw`."""
+        return tuple(self.image_hw)
 
     def expected_shape(self, height="height", width="width") -> tuple:
         """The input shape as text, in this model's data format."""
         if self.data_format == "channels_last":
-            return ("batch", height, width, self.image_channels)
-        return ("batch", self.image_channels, height, width)
+            return ("batch", height, width, self.input_channels)
+        return ("batch", self.input_channels, height, width)
 
     def check_spatial(self, height: int, width: int) -> None:
         """Raise a ValueError if this model cannot take images of this size (static sizes only)."""
@@ -57,9 +65,9 @@ class VitkitModel(ConfigMixin, keras.Model):
         if len(shape) != 4:
             self.bad_input("rank 4", f"an input of shape {shape} (rank {len(shape)})")
         height, width, channels = image_shape(images, self.data_format)
-        if channels is not None and channels != self.image_channels:
+        if channels is not None and channels != self.input_channels:
             self.bad_input(
-                f"{self.image_channels} channels", f"shape {shape} ({channels} channels)"
+                f"{self.input_channels} channels", f"shape {shape} ({channels} channels)"
             )
         if height is not None and width is not None:
             self.check_spatial(height, width)
@@ -67,10 +75,10 @@ class VitkitModel(ConfigMixin, keras.Model):
 
     def default_input_shape(self, batch: int = 1) -> tuple:
         """Shape of a batch of images of the configured size, in this model's data format."""
-        h, w = self.image_hw
+        h, w = self.default_image_hw
         if self.data_format == "channels_last":
-            return (batch, h, w, self.image_channels)
-        return (batch, self.image_channels, h, w)
+            return (batch, h, w, self.input_channels)
+        return (batch, self.input_channels, h, w)
 
     def build(self, input_shape):
         # One symbolic forward pass: every sublayer is built with the shapes it will see.

@@ -316,11 +316,11 @@ class CvT(VitkitModel):
         self.pooling = keras.layers.GlobalAveragePooling2D(data_format=data_format, dtype=policy)
         self.head = keras.layers.Dense(num_classes, dtype=policy, name="head")
 
-    def default_input_shape(self, batch: int = 1) -> tuple:
-        # CvT has no configured size and its weights do not depend on it: build at 32x32.
-        if self.data_format == "channels_last":
-            return (batch, 32, 32, self.image_channels)
-        return (batch, self.image_channels, 32, 32)
+    @property
+    def default_image_hw(self) -> tuple[int, int]:
+        # CvT has no configured size and its weights do not depend on it: build, export and
+        # feed the CLI's data at 32x32 unless told otherwise.
+        return (32, 32)
 
     def check_spatial(self, height, width):
         pass  # the padded embeddings give at least one position for every size

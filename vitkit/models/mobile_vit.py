@@ -310,7 +310,7 @@ class MobileViT(VitkitModel):
         (1, 1000)
     """
 
-    image_channels = 3
+    input_channels = 3
 
     def __init__(
         self,

@@ -51,7 +51,7 @@ VIT_SIZES = {  # Table 1 of the paper, plus DeiT's tiny and small
         (dict(dropout=1.5), "dropout"),
         (dict(num_classes=-1), "num_classes"),
     ],
-    digits=dict(image_size=8, patch_size=2, num_classes=10, dim=64, depth=4, heads=4,
+    digits=dict(image_size=16, patch_size=4, num_classes=10, dim=64, depth=4, heads=4,
                 dim_head=16, mlp_dim=128, channels=1),
 )
 # fmt: on
