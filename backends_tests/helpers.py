@@ -119,27 +119,32 @@ def gradients(model, x, weights):
     return [w.value.grad for w in weights]
 
 
-def compiled_forward(model, x, training=False):
+def compiled_forward(model, x, training=False, **kwargs):
     """The model's forward pass compiled: XLA on JAX and TensorFlow, torch.compile on torch.
-    `training=True` compiles the training-mode pass (random ops included)."""
+    `training=True` compiles the training-mode pass (random ops included); `kwargs` go to the
+    call, as constants."""
     if BACKEND == "jax":
         import jax
 
         tv = [v.value for v in model.trainable_variables]
         ntv = [v.value for v in model.non_trainable_variables]
-        fn = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=training)[0])
+        fn = jax.jit(
+            lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=training, **kwargs)[0]
+        )
         return fn(tv, ntv, x)
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(lambda x: model(x, training=training), jit_compile=True)(x)
+        return tf.function(lambda x: model(x, training=training, **kwargs), jit_compile=True)(x)
     import torch
 
     # aot_eager: dynamo capture + AOT autograd tracing, without a C++ toolchain. In training,
     # Keras' torch seed generator is `torch.compiler.disable`d (Keras 3.15): random ops break
     # the graph there, so only the inference pass is held to fullgraph.
     fn = torch.compile(
-        lambda x: model(x, training=training), backend="aot_eager", fullgraph=not training
+        lambda x: model(x, training=training, **kwargs),
+        backend="aot_eager",
+        fullgraph=not training,
     )
     return fn(torch.as_tensor(x))
 

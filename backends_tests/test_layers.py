@@ -211,3 +211,22 @@ def test_reshaped_variables_map_from_the_reference_layout():
     values = np.arange(5, dtype="float32").reshape(1, 5, 1, 1)
     targets["g"].variable.assign(targets["g"].to_keras(values))
     np.testing.assert_array_equal(as_numpy(norm.gamma), np.arange(5))
+
+
+@pytest.mark.parametrize("fusable", [True, False])
+def test_key_mask_matches_vit_pytorch_masked_attention(fusable):
+    """`key_mask`: keys marked False get no weight, in the fused and the explicit path, as in
+    vit-pytorch's masked attention (ATS's); padded query rows are don't-cares there."""
+    from vit_pytorch.ats_vit import Attention as Reference
+
+    ref = randomize_torch(Reference(12, heads=3, dim_head=5)).eval()
+    ours = layers.Attention(12, heads=3, dim_head=5, project_out=True)
+    ours.fusable = fusable
+    ours.build((None, 7, 12))
+    _load(ours, ref)
+    x = np.random.default_rng(0).normal(size=(2, 7, 12)).astype("float32")
+    mask = np.array([[1, 1, 0, 1, 0, 1, 1], [1, 0, 0, 0, 1, 1, 0]], bool)
+    with torch.no_grad():
+        expected, _, _ = ref(torch.from_numpy(x), mask=torch.from_numpy(mask))
+    got = as_numpy(ours(x, key_mask=mask))
+    assert rel_err(got[mask], expected.numpy()[mask]) < 1e-5

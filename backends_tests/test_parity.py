@@ -8,14 +8,8 @@ import pytest
 import torch
 
 import vitkit
-from backends_tests.helpers import (
-    as_numpy,
-    image_size,
-    plain_kwargs,
-    randomize_torch,
-    reference_class,
-    rel_err,
-)
+from backends_tests.helpers import as_numpy, image_size, randomize_torch, reference_class, rel_err
+from backends_tests.reference import reference_forward, reference_kwargs
 from vitkit.convert import from_vit_pytorch, vit_pytorch_keys
 
 CASES = [
@@ -28,7 +22,7 @@ def reference_pair(name, index, seed=0):
     spec = vitkit.get_spec(name)
     config = spec.parity[index]
     torch.manual_seed(seed)
-    ref = randomize_torch(reference_class(spec)(**plain_kwargs(config)), seed=seed).eval()
+    ref = randomize_torch(reference_class(spec)(**reference_kwargs(config)), seed=seed).eval()
     return spec, config, ref
 
 
@@ -39,8 +33,8 @@ def test_matches_vit_pytorch(name, index):
     h, w = image_size(ours)
     x = np.random.default_rng(index).normal(size=(3, ours.input_channels, h, w))
     x = x.astype("float32")
-    with torch.no_grad():
-        expected = [y.numpy() for y in keras.tree.flatten(ref(torch.from_numpy(x)))]
+    # A model may return several outputs (LeViT's distillation head): compare each.
+    expected = keras.tree.flatten(reference_forward(name, ref, ours, x))
     got = [as_numpy(y) for y in keras.tree.flatten(ours(x.transpose(0, 2, 3, 1), training=False))]
     assert len(got) == len(expected)
     for a, b in zip(got, expected):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
+import keras
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -52,6 +54,7 @@ class ModelSpec:
 
 _MODELS: dict[str, ModelSpec] = {}
 _PRESETS: dict[str, str] = {}  # preset name -> architecture name
+_KERAS_NAMES: dict[str, type] = {}  # Keras' registered name -> model class
 
 
 def register_model(
@@ -74,6 +77,15 @@ def register_model(
         arch = name or cls.__module__.rsplit(".", 1)[-1]
         if arch in _MODELS and _MODELS[arch].cls is not cls:
             raise ValueError(f"architecture {arch!r} is registered twice")
+        # Keras finds a class by "package>Name" when loading: two classes under one name
+        # would load as whichever registered last (vit-pytorch has many `ViT`s).
+        keras_name = keras.saving.get_registered_name(cls)
+        if _KERAS_NAMES.setdefault(keras_name, cls) is not cls:
+            raise ValueError(
+                f"{cls.__module__}.{cls.__name__} is registered with Keras as {keras_name!r}, "
+                f"as {_KERAS_NAMES[keras_name].__module__}.{cls.__name__} already is: use "
+                f'`register_keras_serializable(package="vitkit.{arch}")`.'
+            )
         spec = ModelSpec(
             name=arch,
             cls=cls,

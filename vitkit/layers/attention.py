@@ -11,6 +11,9 @@ from vitkit.layers.base import VitkitLayer
 from vitkit.layers.utils import check_int, check_rate
 
 LN_EPSILON = 1e-5  # torch.nn.LayerNorm's default, so numbers match vit-pytorch
+# Score of a masked key: vit-pytorch fills with -finfo(float32).max, so a row with every key
+# masked comes out uniform there and here.
+MASKED_SCORE = -3.4028234663852886e38
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -24,6 +27,11 @@ class Attention(VitkitLayer):
     its dropout) or `score_scale` (the factor on `q k^T`); dropout on the attention weights
     also takes that explicit path, in training only. `vitkit.layers.attention_variants` holds
     the variants more than one paper uses.
+
+    `call(x, key_mask=...)` takes a key-padding mask `(b, n_k)`, True where a token may be
+    attended to (vit-pytorch's `masked_fill` with `-finfo.max` on the scores): for sequences
+    padded to a static length, as ATS makes them. (Not Keras' implicit `mask`: nothing
+    propagates it.)
 
     With `separate_kv=True` the queries and the keys/values have their own projections
     (`to_q`, `to_kv`), and `call(x, context=...)` attends from `x` to `[x, context]`: the keys
@@ -160,25 +168,34 @@ class Attention(VitkitLayer):
         """The factor on `q k^T`: `dim_head ** -0.5` (LSA learns it instead)."""
         return ops.cast(self.scale, dtype)
 
-    def attention_weights(self, q, k, training=None):
-        """softmax(q k^T * scale) with the hooks applied: `(b, h, n_q, n_k)`.
+    def attention_weights(self, q, k, training=None, key_mask=None):
+        """softmax(q k^T * scale) with the hooks applied: `(b, h, n_q, n_k)`. Keys where the
+        `(b, n_k)` `key_mask` is False get a weight of zero.
 
         Dropout acts on the softmax's output, before `transform_attention`, as in every
         vit-pytorch variant that post-processes the weights (DeepViT, CaiT, ATS)."""
         scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * self.score_scale(q.dtype)
         scores = self.transform_scores(scores)
         # Softmax in float32 under mixed precision, as keras.layers.MultiHeadAttention does.
-        attn = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), q.dtype)
+        scores = ops.cast(scores, "float32")
+        if key_mask is not None:
+            scores = ops.where(key_mask[:, None, None, :], scores, MASKED_SCORE)
+        attn = ops.cast(ops.softmax(scores, axis=-1), q.dtype)
         attn = self.attn_dropout(attn, training=training)
         return self.transform_attention(attn)
 
-    def attend(self, q, k, v, training=None):
-        """(b, n, h, d) queries, keys, values -> (b, n, h, d)."""
+    def attend(self, q, k, v, training=None, key_mask=None):
+        """(b, n, h, d) queries, keys, values -> (b, n, h, d); `key_mask` (b, n_k) as in `call`."""
         if self.fusable and not (training and self.attn_dropout.rate > 0):
             return ops.dot_product_attention(
-                q, k, v, scale=self.scale, flash_attention=FLASH_ATTENTION
+                q,
+                k,
+                v,
+                mask=None if key_mask is None else key_mask[:, None, None, :],
+                scale=self.scale,
+                flash_attention=FLASH_ATTENTION,
             )
-        attn = self.attention_weights(q, k, training=training)
+        attn = self.attention_weights(q, k, training=training, key_mask=key_mask)
         return ops.einsum("bhqk,bkhd->bqhd", attn, v)
 
     def project(self, out, training=None):
@@ -189,11 +206,12 @@ class Attention(VitkitLayer):
             return out
         return self.out_dropout(self.to_out(out), training=training)
 
-    def call(self, x, context=None, training=None):
+    def call(self, x, context=None, training=None, key_mask=None):
         if self.norm_layer is not None:
             x = self.norm_layer(x)
         q, k, v = self.queries_keys_values(x, context)
-        return self.project(self.attend(q, k, v, training=training), training=training)
+        out = self.attend(q, k, v, training=training, key_mask=key_mask)
+        return self.project(out, training=training)
 
     def vit_pytorch_state_map(self, out="to_out.0"):
         """Our weights under vit-pytorch's names (`out`: where its output Linear sits)."""

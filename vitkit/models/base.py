@@ -52,6 +52,17 @@ class VitkitModel(ConfigMixin, keras.Model):
         if (height, width) != tuple(self.image_hw):
             self.bad_input(f"images of exactly {tuple(self.image_hw)} pixels", (height, width))
 
+    def check_patch_grid(self, height: int, width: int) -> None:
+        """`check_spatial` of models whose learned position table is cut to the input's number
+        of patches (vit-pytorch's `pos_embedding[:, :n]`): any image no larger than `image_size`
+        whose sides `self.patch_hw` divides."""
+        (ph, pw), (ih, iw) = self.patch_hw, self.image_hw
+        if height % ph or width % pw or height > ih or width > iw:
+            self.bad_input(
+                f"height <= {ih} and width <= {iw}, both divisible by `patch_size` {(ph, pw)}",
+                f"{height}x{width} images",
+            )
+
     def bad_input(self, rule: str, given) -> None:
         raise ValueError(
             f"{type(self).__name__} expects inputs of shape {self.expected_shape()} "
