@@ -20,6 +20,23 @@ def rel_err(ours, ref) -> float:
     return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-12))
 
 
+def batch_norm_layers(model) -> list:
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
+def batch_norm_statistics(model) -> dict:
+    """{path: value} of the moving mean and variance of every BatchNorm in `model`."""
+    return {
+        v.path: as_numpy(v)
+        for layer in batch_norm_layers(model)
+        for v in (layer.moving_mean, layer.moving_variance)
+    }
+
+
 def random_images(model_or_config, batch, seed=0, data_format=None, size=None):
     """Random normal images for a model (or a config of one), of its configured size or
     `size=(height, width)`, in its data format or the one named."""

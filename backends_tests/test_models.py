@@ -10,6 +10,7 @@ import vitkit
 from backends_tests.helpers import (
     BACKEND,
     as_numpy,
+    batch_norm_statistics,
     compiled_forward,
     gradients,
     random_images,
@@ -82,10 +83,16 @@ def test_fit_lowers_the_loss(name):
             metrics=[["accuracy"], *extra],
         )
         y = (y,) * heads
+    initial = batch_norm_statistics(model)
     before = model.evaluate(x, y, verbose=0, return_dict=True)
     history = model.fit(x, y, batch_size=16, epochs=6, verbose=0)
+    trained = batch_norm_statistics(model)
     after = model.evaluate(x, y, verbose=0, return_dict=True)
     assert np.all(np.isfinite(history.history["loss"]))
+    # BatchNorm: the moving statistics follow the batches in training and stay in inference.
+    for path, value in batch_norm_statistics(model).items():
+        assert not np.allclose(initial[path], trained[path]), f"{path} did not move in fit"
+        np.testing.assert_array_equal(value, trained[path], err_msg=f"{path} moved in evaluate")
     assert after["loss"] < 0.5 * before["loss"], (before, after)
     assert after["accuracy"] > 0.8, (before, after)
 

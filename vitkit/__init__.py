@@ -17,6 +17,7 @@ _LAZY = {
     "convert": ("vitkit.convert", None),
     "layers": ("vitkit.layers", None),
     "models": ("vitkit.models", None),
+    "exporting": ("vitkit.exporting", None),
     "ExportError": ("vitkit.exporting", "ExportError"),
     "export": ("vitkit.exporting", "export"),
     "create_model": ("vitkit.registry", "create_model"),

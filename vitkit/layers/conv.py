@@ -22,6 +22,7 @@ from vitkit.layers.utils import (
     check_int,
     check_pair,
     reject_unknown_kwargs,
+    zero_pad,
 )
 
 # torch.nn.BatchNorm2d's defaults: eps 1e-5, and momentum 0.1 on the new batch (Keras counts
@@ -63,17 +64,10 @@ def spatial_size(x, data_format: str = "channels_last") -> tuple:
 
 def pad_spatial(x, padding, data_format: str = "channels_last", value: float = 0.0):
     """Pad a feature map with `value` by `padding = (ph, pw)` on both sides of each spatial
-    axis (zeros for torch's convolutions, `-inf` for its max pooling).
-
-    Built from concatenated blocks rather than `keras.ops.pad`: on the torch backend,
-    `ops.pad` mutates a dict that torch.compile's full-graph capture then trips over.
-    """
+    axis (zeros for torch's convolutions, `-inf` for its max pooling)."""
     axes = (1, 2) if data_format == "channels_last" else (2, 3)
     for axis, p in zip(axes, padding):
-        if p:
-            edge = x[(slice(None),) * axis + (slice(0, 1),)]  # one row (column) of the map
-            block = ops.repeat(ops.zeros_like(edge) + ops.cast(value, x.dtype), p, axis=axis)
-            x = ops.concatenate([block, x, block], axis=axis)
+        x = zero_pad(x, axis, p, p, value)
     return x
 
 

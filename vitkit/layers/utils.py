@@ -162,18 +162,21 @@ def _lengths(allowed: range) -> str:
     return f"{allowed[0]} to {allowed[-1]}"
 
 
-def zero_pad(x, axis: int, before: int = 0, after: int = 0):
-    """`x` with `before` and `after` zeros along `axis`.
+def zero_pad(x, axis: int, before: int = 0, after: int = 0, value: float = 0.0):
+    """`x` with `before` and `after` zeros (or `value`s: `-inf` for torch's max pooling) along
+    `axis`.
 
-    Concatenated zeros rather than `ops.pad`: under torch.compile(fullgraph=True), a Keras
+    Concatenated blocks rather than `ops.pad`: under torch.compile(fullgraph=True), a Keras
     layer called after `ops.pad` breaks the graph ("mapping proxy affected by dictionary
     mutation", torch 2.13 with Keras 3.15).
     """
-    zeros = ops.zeros_like(ops.take(x, [0], axis=axis))  # one slice of zeros
-    parts = [ops.repeat(zeros, before, axis=axis)] if before else []
+    block = ops.zeros_like(ops.take(x, [0], axis=axis))  # one slice of zeros
+    if value:
+        block = block + ops.cast(value, x.dtype)
+    parts = [ops.repeat(block, before, axis=axis)] if before else []
     parts.append(x)
     if after:
-        parts.append(ops.repeat(zeros, after, axis=axis))
+        parts.append(ops.repeat(block, after, axis=axis))
     return ops.concatenate(parts, axis=axis) if len(parts) > 1 else x
 
 

@@ -50,7 +50,9 @@ class VitkitModel(ConfigMixin, keras.Model):
     def check_spatial(self, height: int, width: int) -> None:
         """Raise a ValueError if this model cannot take images of this size (static sizes only)."""
         if (height, width) != tuple(self.image_hw):
-            self.bad_input(f"images of exactly {tuple(self.image_hw)} pixels", (height, width))
+            self.bad_input(
+                f"images of exactly {tuple(self.image_hw)} pixels", f"{height}x{width} images"
+            )
 
     def check_patch_grid(self, height: int, width: int) -> None:
         """`check_spatial` of models whose learned position table is cut to the input's number

@@ -11,10 +11,8 @@ from keras import ops
 
 from vitkit.convert.mapping import Reshaped
 from vitkit.layers import (
-    Attention,
     ConvStem,
     DropPath,
-    FeedForward,
     LearnedPositionEmbedding,
     Transformer,
     map_to_tokens,
@@ -158,26 +156,10 @@ class CCTTransformer(Transformer):
         ]
 
     def make_attention(self, index):
-        return Attention(
-            self.dim,
-            heads=self.heads,
-            dim_head=self.dim_head,
-            dropout=self.dropout,
-            attention_dropout=self.attention_dropout,
-            project_out=True,
-            dtype=self.dtype_policy,
-            name=f"attention_{index}",
-        )
+        return super().make_attention(index, attention_dropout=self.attention_dropout)
 
     def make_feed_forward(self, index):
-        return FeedForward(
-            self.dim,
-            self.mlp_dim,
-            dropout=self.dropout,
-            norm=False,
-            dtype=self.dtype_policy,
-            name=f"feed_forward_{index}",
-        )
+        return super().make_feed_forward(index, norm=False)  # the stream is normed instead
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -208,7 +190,7 @@ class CCTTransformer(Transformer):
 # fmt: off
 @register_model(
     tiny=dict(
-        img_size=(20, 12), embedding_dim=20, n_conv_layers=1, kernel_size=3, stride=1,
+        img_size=(20, 12), embedding_dim=20, n_conv_layers=2, kernel_size=3, stride=1,
         padding=1, num_layers=2, num_heads=2, mlp_ratio=1.5, num_classes=7,
         positional_embedding="learnable",
     ),
@@ -274,7 +256,7 @@ class CCT(VitkitModel):
         data_format: `"channels_last"` (b, h, w, c) or `"channels_first"` (b, c, h, w).
 
     `mlp_radio`, a misspelling that vit-pytorch's README passes and vit-pytorch silently
-    ignores, is accepted here as `mlp_ratio` with a `FutureWarning`.
+    ignores, is accepted here as `mlp_ratio` with a `DeprecationWarning`.
 
     Example:
         >>> model = CCT(img_size=32, embedding_dim=128, n_conv_layers=2, kernel_size=3,
@@ -314,7 +296,7 @@ class CCT(VitkitModel):
             warnings.warn(
                 f"{owner}: `mlp_radio` is a misspelling of `mlp_ratio` (vit-pytorch ignores it "
                 "silently); it is used as `mlp_ratio` here. Pass `mlp_ratio` instead.",
-                FutureWarning,
+                DeprecationWarning,
                 stacklevel=2,
             )
             if mlp_ratio != 4.0 and mlp_ratio != radio:
@@ -425,45 +407,31 @@ class CCT(VitkitModel):
         }
 
 
-def _cct(size, kernel_size=3, stride=None, padding=None, **kwargs) -> CCT:
-    geometry = tokenizer_geometry(kernel_size)
-    stride = geometry["stride"] if stride is None else stride
-    padding = geometry["padding"] if padding is None else padding
-    return CCT(kernel_size=kernel_size, stride=stride, padding=padding, **CCT_SIZES[size],
-               **kwargs)
+def _factory(size: int):
+    """vit-pytorch's `cct_<size>`: CCT with the layers, heads, mlp ratio and width of
+    `CCT_SIZES[size]`, and the tokenizer's `stride` and `padding` defaulting to
+    `max(1, kernel_size // 2 - 1)` and `max(1, kernel_size // 2)`."""
+    sizes = CCT_SIZES[size]
+
+    def factory(kernel_size=3, stride=None, padding=None, **kwargs) -> CCT:
+        geometry = tokenizer_geometry(kernel_size)
+        stride = geometry["stride"] if stride is None else stride
+        padding = geometry["padding"] if padding is None else padding
+        return CCT(kernel_size=kernel_size, stride=stride, padding=padding, **sizes, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = f"cct_{size}"
+    factory.__doc__ = (
+        f"CCT-{size}: {sizes['num_layers']} layers, {sizes['num_heads']} heads, mlp ratio "
+        f"{sizes['mlp_ratio']}, width {sizes['embedding_dim']}. A 3x3 tokenizer kernel by "
+        "default; `stride` and `padding` default to `max(1, k // 2 - 1)` and `max(1, k // 2)`."
+    )
+    return factory
 
 
-def cct_2(kernel_size=3, stride=None, padding=None, **kwargs) -> CCT:
-    """CCT-2: 2 layers, 2 heads, mlp ratio 1, width 128. A 3x3 tokenizer kernel by default;
-    `stride` and `padding` default to `max(1, k // 2 - 1)` and `max(1, k // 2)`."""
-    return _cct(2, kernel_size, stride, padding, **kwargs)
-
-
-def cct_4(kernel_size=3, stride=None, padding=None, **kwargs) -> CCT:
-    """CCT-4: 4 layers, 2 heads, mlp ratio 1, width 128 (tokenizer defaults as `cct_2`)."""
-    return _cct(4, kernel_size, stride, padding, **kwargs)
-
-
-def cct_6(kernel_size=3, stride=None, padding=None, **kwargs) -> CCT:
-    """CCT-6: 6 layers, 4 heads, mlp ratio 2, width 256 (tokenizer defaults as `cct_2`)."""
-    return _cct(6, kernel_size, stride, padding, **kwargs)
-
-
-def cct_7(kernel_size=3, stride=None, padding=None, **kwargs) -> CCT:
-    """CCT-7: 7 layers, 4 heads, mlp ratio 2, width 256 (tokenizer defaults as `cct_2`)."""
-    return _cct(7, kernel_size, stride, padding, **kwargs)
-
-
-def cct_8(kernel_size=3, stride=None, padding=None, **kwargs) -> CCT:
-    """CCT-8: 8 layers, 4 heads, mlp ratio 2, width 256 (tokenizer defaults as `cct_2`)."""
-    return _cct(8, kernel_size, stride, padding, **kwargs)
-
-
-def cct_14(kernel_size=3, stride=None, padding=None, **kwargs) -> CCT:
-    """CCT-14: 14 layers, 6 heads, mlp ratio 3, width 384 (tokenizer defaults as `cct_2`)."""
-    return _cct(14, kernel_size, stride, padding, **kwargs)
-
-
-def cct_16(kernel_size=3, stride=None, padding=None, **kwargs) -> CCT:
-    """CCT-16: 16 layers, 6 heads, mlp ratio 3, width 384 (tokenizer defaults as `cct_2`)."""
-    return _cct(16, kernel_size, stride, padding, **kwargs)
+cct_2 = _factory(2)
+cct_4 = _factory(4)
+cct_6 = _factory(6)
+cct_7 = _factory(7)
+cct_8 = _factory(8)
+cct_14 = _factory(14)
+cct_16 = _factory(16)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vitkit.layers import ConvNormAct, FeedForward, Transformer
+from vitkit.layers import ConvNormAct, Transformer
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.conv import channel_axis, conv_output_size, spatial_size
 from vitkit.layers.utils import (
@@ -134,14 +134,7 @@ class MobileViTTransformer(Transformer):
         )
 
     def make_feed_forward(self, index):
-        return FeedForward(
-            self.dim,
-            self.mlp_dim,
-            dropout=self.dropout,
-            activation="silu",
-            dtype=self.dtype_policy,
-            name=f"feed_forward_{index}",
-        )
+        return super().make_feed_forward(index, activation="silu")
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -244,17 +237,17 @@ MOBILEVIT_SIZES = {  # Table 4 of the paper, as in vit-pytorch's source (chinhsu
 @register_model(
     tiny=dict(
         image_size=(64, 32), dims=(8, 12, 16), channels=(4, 6, 8, 8, 10, 10, 12, 12, 14, 14, 20),
-        num_classes=7, expansion=2, patch_size=(2, 1), depths=(1, 1, 1),
+        num_classes=7, expansion=1, patch_size=(2, 1), depths=(1, 1, 1),
     ),
     parity=[
-        dict(image_size=(64, 64), dims=(8, 12, 16),
-             channels=(4, 6, 8, 8, 10, 10, 12, 12, 14, 14, 20), num_classes=7,
-             depths=(1, 2, 1)),
+        dict(image_size=(64, 32), dims=(8, 12, 16),
+             channels=(4, 6, 8, 8, 10, 10, 12, 12, 14, 14, 20), num_classes=7, expansion=1,
+             patch_size=(2, 1), depths=(1, 1, 1)),
         dict(image_size=(96, 64), dims=(6, 10, 12),
-             channels=(3, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15), num_classes=5, expansion=2,
+             channels=(3, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15), num_classes=5,
              patch_size=(1, 2), depths=(2, 1, 1)),
         dict(image_size=(32, 64), dims=(5, 7, 9), channels=(4, 4, 6, 6, 8, 8, 8, 8, 10, 10, 6),
-             num_classes=3, expansion=1, patch_size=(1, 2), depths=(1, 1, 2)),
+             num_classes=3, expansion=2, patch_size=(1, 1), depths=(1, 1, 2)),
     ],
     presets={
         f"mobilevit_{size}": dict(image_size=(256, 256), num_classes=1000, **sizes)
@@ -334,7 +327,7 @@ class MobileViT(VitkitModel):
         for a in (2, 4, 6, 8):
             if self.channels[a] != self.channels[a + 1]:
                 raise ValueError(
-                    f"{owner}: `channels[{a}]` and `channels[{a + 1}]` must be equal (vit-pytorch "
+                    f"{owner}: `channels` items {a} and {a + 1} must be equal (vit-pytorch "
                     f"feeds one block's output to the next); got {self.channels}."
                 )
         self.num_classes = check_int("num_classes", num_classes, owner=owner)

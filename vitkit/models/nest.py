@@ -136,8 +136,8 @@ class Aggregate(VitkitLayer):
 # fmt: off
 @register_model(
     tiny=dict(
-        image_size=(32, 16), patch_size=2, num_classes=7, dim=8, heads=2, num_hierarchies=3,
-        block_repeats=(1, 1, 1), mlp_mult=2,
+        image_size=(16, 8), patch_size=2, num_classes=7, dim=8, heads=2, num_hierarchies=2,
+        block_repeats=(1, 1), mlp_mult=2,
     ),
     parity=[
         dict(image_size=32, patch_size=4, num_classes=7, dim=8, heads=2, num_hierarchies=3,
@@ -153,8 +153,8 @@ class Aggregate(VitkitLayer):
                               num_hierarchies=3, block_repeats=(8, 4, 1)),
     },
     invalid=[
-        (dict(image_size=(36, 16)), "image_size"),
-        (dict(block_repeats=(1, 1)), "block_repeats"),
+        (dict(image_size=(18, 8)), "image_size"),
+        (dict(block_repeats=(1, 1, 1)), "block_repeats"),
         (dict(heads=9), "heads"),
         (dict(num_hierarchies=0), "num_hierarchies"),
         (dict(mlp_mult=0), "mlp_mult"),

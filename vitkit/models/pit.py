@@ -100,8 +100,8 @@ def _unfolded_linear(kernel_shape):
 # fmt: off
 @register_model(
     tiny=dict(
-        image_size=(24, 16), patch_size=4, num_classes=7, dim=8, depth=(1, 1, 1),
-        heads=(1, 2, 2), dim_head=6, mlp_dim=20,
+        image_size=(24, 16), patch_size=4, num_classes=7, dim=8, depth=(1, 1), heads=(1, 2),
+        dim_head=6, mlp_dim=20,
     ),
     parity=[
         dict(image_size=24, patch_size=4, num_classes=7, dim=8, depth=(1, 2), heads=2,
@@ -113,7 +113,7 @@ def _unfolded_linear(kernel_shape):
     ],
     invalid=[
         (dict(depth=3), "depth"),
-        (dict(heads=(1, 2)), "heads"),
+        (dict(heads=(1, 2, 3)), "heads"),
         (dict(patch_size=1), "patch_size"),
         (dict(image_size=(24, 18)), "image_size"),
         (dict(emb_dropout=1.0), "emb_dropout"),
