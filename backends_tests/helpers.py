@@ -20,6 +20,23 @@ def rel_err(ours, ref) -> float:
     return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-12))
 
 
+def batch_norm_layers(model) -> list:
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
+def batch_norm_statistics(model) -> dict:
+    """{path: value} of the moving mean and variance of every BatchNorm in `model`."""
+    return {
+        v.path: as_numpy(v)
+        for layer in batch_norm_layers(model)
+        for v in (layer.moving_mean, layer.moving_variance)
+    }
+
+
 def random_images(model_or_config, batch, seed=0, data_format=None, size=None):
     """Random normal images for a model (or a config of one), of its configured size or
     `size=(height, width)`, in its data format or the one named."""
@@ -30,11 +47,21 @@ def random_images(model_or_config, batch, seed=0, data_format=None, size=None):
         c = model.get("channels", 3)
         data_format = data_format or model.get("data_format", "channels_last")
     else:
-        h, w = size or model.image_hw
+        h, w = size or image_size(model)
         c = model.input_channels
         data_format = data_format or model.data_format
     x = np.random.default_rng(seed).normal(size=(batch, h, w, c)).astype("float32")
     return x if data_format == "channels_last" else x.transpose(0, 3, 1, 2)
+
+
+def image_size(model) -> tuple:
+    """The size of the images the tests feed `model`: its configured size, or its registry
+    entry's `input_size` when its constructor names none (CvT)."""
+    if model.image_hw is not None:
+        return tuple(model.image_hw)
+    from vitkit.registry import spec_of
+
+    return spec_of(model).input_size
 
 
 def _pair(v):

@@ -104,11 +104,12 @@ REFERENCE_FORWARDS = {"ats_vit": _ats_logits}
 
 
 def reference_forward(name, ref, ours, images: np.ndarray) -> np.ndarray:
-    """The reference's output for `images` (its layout, numpy), as `ours` computes it."""
+    """The reference's output for `images` (its layout, numpy; a tuple of them for a model
+    with several outputs), as `ours` computes it."""
     import torch
 
     if name in REFERENCE_FORWARDS:
         with torch.no_grad():
             return REFERENCE_FORWARDS[name](ref, ours, images)
     with torch.no_grad():
-        return ref(torch.from_numpy(images)).numpy()
+        return keras.tree.map_structure(lambda y: y.numpy(), ref(torch.from_numpy(images)))

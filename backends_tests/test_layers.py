@@ -22,6 +22,33 @@ LAYERS = [
     (layers.ClassToken, dict(num_tokens=2), (2, 7, 12)),
     (layers.LearnedPositionEmbedding, dict(length=9), (2, 7, 12)),
     (layers.TokenPool, dict(pool="mean"), (2, 7, 12)),
+    (layers.Attention, dict(dim=12, heads=2, dim_head=4, attention_dropout=0.2), (2, 7, 12)),
+    (layers.ChannelLayerNorm, dict(data_format="channels_first"), (2, 5, 4, 3)),
+    (
+        layers.ConvNormAct,
+        dict(filters=6, kernel_size=3, strides=2, padding=1, norm="batch", activation="silu"),
+        (2, 7, 6, 4),
+    ),
+    (
+        layers.ConvNormAct,
+        dict(
+            depth_multiplier=2,
+            kernel_size=(3, 1),
+            padding=(1, 0),
+            norm="layer",
+            data_format="channels_first",
+        ),
+        (2, 4, 7, 6),
+    ),
+    (
+        layers.ConvStem,
+        dict(
+            filters=[5, 6], kernel_size=3, strides=2, padding=1, activation="relu", pool=(3, 2, 1)
+        ),
+        (2, 17, 12, 3),
+    ),
+    (layers.MaxPool, dict(pool_size=3, strides=2, padding=1), (2, 6, 5, 3)),
+    (layers.DropPath, dict(rate=0.3), (2, 7, 12)),
 ]
 
 
@@ -107,6 +134,76 @@ def test_cross_attention_matches_vit_pytorch_cross_vit_attention():
         expected = ref(torch.from_numpy(x), torch.from_numpy(context), kv_include_self=True)
     got = as_numpy(ours(x, context=context))
     assert rel_err(got, expected.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_conv_norm_act_pads_and_normalizes_as_torch(data_format):
+    ref = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False), torch.nn.BatchNorm2d(6)
+    )
+    ref = randomize_torch(ref).eval()
+    ours = layers.ConvNormAct(6, 3, 2, 1, use_bias=False, norm="batch", data_format=data_format)
+    x = np.random.default_rng(0).normal(size=(2, 4, 8, 7)).astype("float32")  # even and odd
+    ours.build(x.shape if data_format == "channels_first" else x.transpose(0, 2, 3, 1).shape)
+    _load(ours, ref)
+    expected = ref(torch.from_numpy(x)).detach().numpy()
+    if data_format == "channels_last":
+        got = as_numpy(ours(x.transpose(0, 2, 3, 1), training=False)).transpose(0, 3, 1, 2)
+    else:
+        got = as_numpy(ours(x, training=False))
+    assert got.shape == expected.shape
+    assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_max_pool_pads_with_minus_infinity_as_torch(data_format):
+    x = -np.abs(np.random.default_rng(0).normal(size=(2, 3, 8, 7))).astype("float32") - 1.0
+    expected = torch.nn.MaxPool2d(3, 2, 1)(torch.from_numpy(x)).numpy()
+    pool = layers.MaxPool(3, 2, 1, data_format=data_format)
+    if data_format == "channels_last":
+        got = as_numpy(pool(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    else:
+        got = as_numpy(pool(x))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert pool.output_size(8, 7) == expected.shape[2:]
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_channel_layer_norm_matches_vit_pytorchs(data_format):
+    from vit_pytorch.cvt import LayerNorm as Reference
+
+    ref = randomize_torch(Reference(5))
+    ours = layers.ChannelLayerNorm(data_format)
+    x = np.random.default_rng(0).normal(size=(2, 5, 4, 3)).astype("float32")
+    ours.build(x.shape if data_format == "channels_first" else x.transpose(0, 2, 3, 1).shape)
+    _load(ours, ref)  # g, b of shape (1, 5, 1, 1)
+    expected = ref(torch.from_numpy(x)).detach().numpy()
+    if data_format == "channels_last":
+        got = as_numpy(ours(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    else:
+        got = as_numpy(ours(x))
+    assert rel_err(got, expected) < 1e-5
+
+
+def test_drop_path_drops_whole_samples_in_training_only():
+    x = np.ones((64, 3, 4), "float32")
+    drop = layers.DropPath(0.5, seed=1)
+    np.testing.assert_array_equal(as_numpy(drop(x)), x)
+    y = as_numpy(drop(x, training=True))
+    per_sample = y.reshape(64, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert np.all(per_sample.min(axis=1) == per_sample.max(axis=1))  # a sample is kept or not
+    assert 0 < (per_sample[:, 0] == 0).sum() < 64
+
+
+def test_tokens_and_feature_maps_round_trip():
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype("float32")  # (b, h, w, c)
+    tokens = layers.map_to_tokens(x)
+    np.testing.assert_array_equal(as_numpy(tokens), x.reshape(2, 12, 5))
+    first = layers.map_to_tokens(x.transpose(0, 3, 1, 2), "channels_first")
+    np.testing.assert_array_equal(as_numpy(first), x.reshape(2, 12, 5))
+    back = layers.tokens_to_map(tokens, (3, 4), "channels_first")
+    np.testing.assert_array_equal(as_numpy(back), x.transpose(0, 3, 1, 2))
 
 
 def test_reshaped_variables_map_from_the_reference_layout():

@@ -76,7 +76,7 @@ def fit_data_to_model(x, model):
 
     from vitkit.data import resize
 
-    x = resize(x, model.image_hw)
+    x = resize(x, model.default_image_hw)
     want = model.input_channels
     if x.shape[-1] != want:
         if x.shape[-1] == 1:
@@ -200,7 +200,7 @@ def cmd_train(args):
     x_fit, y_fit = x_train[keep], data.y_train[keep]
     if args.augment:
         # random translations of up to 1/8 of the image side (1 pixel on 8x8 digits)
-        shift = max(1, model.image_hw[0] // 8)
+        shift = max(1, model.default_image_hw[0] // 8)
         batches = augmented_batches(
             x_fit,
             y_fit,
@@ -240,7 +240,7 @@ def cmd_train(args):
 
 def cmd_evaluate(args):
     model = load_model(args.model_file)
-    data = load_dataset(args.dataset, model.image_hw, model.input_channels, args.seed)
+    data = load_dataset(args.dataset, model.default_image_hw, model.input_channels, args.seed)
     x_test = fit_data_to_model(data.x_test, model)
     import keras
 
@@ -261,7 +261,7 @@ def cmd_predict(args):
     for image in args.images:
         if not Path(image).is_file():
             raise CLIError(f"image {image} does not exist")
-        x = read_image(image, model.image_hw, model.input_channels)[None]
+        x = read_image(image, model.default_image_hw, model.input_channels)[None]
         logits = keras.ops.convert_to_numpy(model(fit_data_to_model(x, model)))
         logits = np.asarray(logits[0] if logits.ndim == 2 else logits, "float64")
         probs = np.exp(logits - logits.max())

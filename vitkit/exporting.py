@@ -123,7 +123,7 @@ def export(model, path, format="tf_saved_model", input_shape=None):
 
 def _child(source, path, format, shape):
     """The TensorFlow side of `_via_tensorflow`."""
-    import vitkit  # noqa: F401  (registers the classes the file names)
+    import vitkit.models  # noqa: F401  (registers the classes the file names)
 
     model = keras.saving.load_model(source, safe_mode=True)
     shape = json.loads(shape)

@@ -29,6 +29,12 @@ class ModelSpec:
         invalid: `(overrides of tiny, name of the parameter the ValueError must name)` pairs.
         reference: the vit-pytorch class, `"module.Class"` under `vit_pytorch`.
         digits: a configuration suited to the 8x8 digits data (`vitkit train`).
+        input_size: `(height, width)` of the images the tests feed a model whose constructor
+            names no image size (CvT); `None` for the others (they get their configured size).
+        invalid_size: an image size the tiny model must refuse with a clear error; `None`
+            for the default, one row more than the tiny model's images.
+        any_size: the model takes images of every size (CvT); the tests then check that one
+            row more than the tiny model's images runs, instead of expecting an error.
         export_gaps: `{format: reason}` for export formats this architecture cannot reach.
     """
 
@@ -40,6 +46,9 @@ class ModelSpec:
     invalid: tuple = ()
     reference: str | None = None
     digits: dict | None = None
+    input_size: tuple | None = None
+    invalid_size: tuple | None = None
+    any_size: bool = False
     export_gaps: dict = field(default_factory=dict)
 
 
@@ -57,6 +66,9 @@ def register_model(
     name: str | None = None,
     reference: str | None = None,
     digits: dict | None = None,
+    input_size: tuple | None = None,
+    invalid_size: tuple | None = None,
+    any_size: bool = False,
     export_gaps: dict | None = None,
 ):
     """Class decorator that registers an architecture under its module's name."""
@@ -83,6 +95,9 @@ def register_model(
             invalid=tuple(invalid),
             reference=reference or f"{arch}.{cls.__name__}",
             digits=dict(digits) if digits is not None else None,
+            input_size=tuple(input_size) if input_size is not None else None,
+            invalid_size=tuple(invalid_size) if invalid_size is not None else None,
+            any_size=any_size,
             export_gaps=dict(export_gaps or {}),
         )
         _MODELS[arch] = spec

@@ -33,6 +33,17 @@ class Reshaped:
 
 
 @dataclass(frozen=True)
+class Transformed:
+    """A variable the reference stores as `shape` in another layout: `to_keras(array)` turns
+    the reference's array into ours (e.g. PiT's `Unfold` + `Linear` patch projection, which
+    is our `Conv2D` kernel)."""
+
+    variable: object
+    shape: tuple
+    to_keras: Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
 class Target:
     """Where one state-dict entry goes: `variable` (None for `Empty`), the shape vit-pytorch
     stores, and the transform from that layout to ours."""
@@ -73,6 +84,50 @@ def _depthwise_kernel(multiplier):
         return array.reshape(out // multiplier, multiplier, kh, kw).transpose(2, 3, 0, 1)
 
     return transform
+
+
+def _pointwise_kernel(array):  # torch Conv2d 1x1 (out, in, 1, 1) -> Keras Dense (in, out)
+    return array.reshape(array.shape[:2]).T
+
+
+def pointwise_conv(dense) -> dict:
+    """Names of a Keras `Dense` over tokens that stands for a torch 1x1 `Conv2d` over a
+    feature map: the same weights, stored as `(out, in, 1, 1)`."""
+    d_in, d_out = dense.kernel.shape
+    names = {"weight": Transformed(dense.kernel, (d_out, d_in, 1, 1), _pointwise_kernel)}
+    if dense.use_bias:
+        names["bias"] = dense.bias
+    return names
+
+
+def channel_norm(norm) -> dict:
+    """Names of a Keras `LayerNormalization` that stands for vit-pytorch's channel LayerNorm
+    (gain `g` and bias `b`, stored as `(1, C, 1, 1)`)."""
+    (channels,) = norm.gamma.shape
+    return {
+        "g": Reshaped(norm.gamma, (1, channels, 1, 1)),
+        "b": Reshaped(norm.beta, (1, channels, 1, 1)),
+    }
+
+
+def as_feature_map(names: dict) -> dict:
+    """A state map of token layers, renamed for a reference that runs the same computation on
+    feature maps: every `Dense` becomes a 1x1 `Conv2d` and every `LayerNormalization` a
+    channel LayerNorm (CvT's, NesT's and LeViT's blocks; `names` may nest layers that have a
+    `vit_pytorch_state_map()`)."""
+    out = {}
+    for key, value in names.items():
+        if isinstance(value, dict):
+            out[key] = as_feature_map(value)
+        elif hasattr(value, "vit_pytorch_state_map"):
+            out[key] = as_feature_map(value.vit_pytorch_state_map())
+        elif isinstance(value, keras.layers.Dense):
+            out[key] = pointwise_conv(value)
+        elif isinstance(value, keras.layers.LayerNormalization):
+            out[key] = channel_norm(value)
+        else:
+            out[key] = value
+    return out
 
 
 def _leaves(layer) -> dict[str, tuple]:
@@ -130,6 +185,8 @@ def flatten(names: dict, prefix: str = "") -> dict[str, Target]:
             flat.update(flatten(value, path + "."))
         elif isinstance(value, Empty):
             flat[path] = Target(None, tuple(value.shape), _same)
+        elif isinstance(value, Transformed):
+            flat[path] = Target(value.variable, tuple(value.shape), value.to_keras)
         elif isinstance(value, Reshaped):
             shape = tuple(value.variable.shape)
             flat[path] = Target(value.variable, tuple(value.shape), partial(_reshape, shape=shape))

@@ -3,6 +3,15 @@
 from vitkit.layers.attention import Attention
 from vitkit.layers.attention_variants import LocalitySelfAttention, TalkingHeadsAttention, mix_heads
 from vitkit.layers.base import ConfigMixin, VitkitLayer
+from vitkit.layers.conv import (
+    ChannelLayerNorm,
+    ConvNormAct,
+    ConvStem,
+    MaxPool,
+    map_to_tokens,
+    tokens_to_map,
+)
+from vitkit.layers.drop_path import DropPath
 from vitkit.layers.embedding import (
     ClassToken,
     LearnedPositionEmbedding,
@@ -17,12 +26,17 @@ from vitkit.layers.transformer import Transformer
 
 __all__ = [
     "Attention",
+    "ChannelLayerNorm",
     "ClassToken",
     "ConfigMixin",
+    "ConvNormAct",
+    "ConvStem",
+    "DropPath",
     "FeedForward",
     "LayerScale",
     "LearnedPositionEmbedding",
     "LocalitySelfAttention",
+    "MaxPool",
     "PatchEmbedding",
     "SinCosPositionEmbedding2D",
     "TalkingHeadsAttention",
@@ -30,6 +44,8 @@ __all__ = [
     "Transformer",
     "VitkitLayer",
     "layer_scale_init",
+    "map_to_tokens",
     "mix_heads",
     "sincos_2d_table",
+    "tokens_to_map",
 ]

@@ -8,6 +8,7 @@ from keras import ops
 
 from vitkit.layers.backend_quirks import FLASH_ATTENTION
 from vitkit.layers.base import VitkitLayer
+from vitkit.layers.utils import optional, rate
 
 LN_EPSILON = 1e-5  # torch.nn.LayerNorm's default, so numbers match vit-pytorch
 # Score of a masked key: vit-pytorch fills with -finfo(float32).max, so a row with every key
@@ -55,6 +56,12 @@ class Attention(VitkitLayer):
         qkv_bias: whether the q, k, v projection has a bias.
         norm: whether to LayerNorm the input first (pre-norm).
         separate_kv: separate query and key/value projections; required for `context`.
+        attention_dropout: dropout on the attention weights alone, if it differs from
+            `dropout` (which then applies to the output projection only); `None` uses `dropout`.
+
+    Subclasses with other projections (convolutional, batch-normed, ...) override
+    `make_projections` and `build_projections` (which create and build `to_qkv`, or `to_q` and
+    `to_kv`) together with `queries_keys_values`.
     """
 
     fusable = True
@@ -70,10 +77,12 @@ class Attention(VitkitLayer):
         qkv_bias=False,
         norm=True,
         separate_kv=False,
+        attention_dropout=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.keep_args(locals())
+        self.keep_args(locals(), attention_dropout=optional(rate))
+        attention_rate = self.dropout if attention_dropout is None else self.attention_dropout
 
         self.inner_dim = heads * dim_head
         self.scale = dim_head**-0.5
@@ -82,18 +91,8 @@ class Attention(VitkitLayer):
         )
         policy = self.dtype_policy
         self.norm_layer = layer_norm("norm", policy, norm)
-        if separate_kv:
-            self.to_q = keras.layers.Dense(
-                self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_q"
-            )
-            self.to_kv = keras.layers.Dense(
-                2 * self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_kv"
-            )
-        else:
-            self.to_qkv = keras.layers.Dense(
-                3 * self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_qkv"
-            )
-        self.attn_dropout = keras.layers.Dropout(dropout, dtype=policy)
+        self.make_projections()
+        self.attn_dropout = keras.layers.Dropout(attention_rate, dtype=policy)
         self.to_out = (
             keras.layers.Dense(dim, use_bias=out_bias, dtype=policy, name="to_out")
             if self.projects_out
@@ -101,14 +100,30 @@ class Attention(VitkitLayer):
         )
         self.out_dropout = keras.layers.Dropout(dropout, dtype=policy)
 
-    def build(self, input_shape):
-        if self.norm_layer is not None:
-            self.norm_layer.build(input_shape)
+    def make_projections(self):
+        """Create the input projections: `to_qkv`, or `to_q` and `to_kv`."""
+        policy, bias = self.dtype_policy, self.qkv_bias
+        if self.separate_kv:
+            self.to_q = keras.layers.Dense(self.inner_dim, use_bias=bias, dtype=policy, name="to_q")
+            self.to_kv = keras.layers.Dense(
+                2 * self.inner_dim, use_bias=bias, dtype=policy, name="to_kv"
+            )
+        else:
+            self.to_qkv = keras.layers.Dense(
+                3 * self.inner_dim, use_bias=bias, dtype=policy, name="to_qkv"
+            )
+
+    def build_projections(self, input_shape):
         if self.separate_kv:
             self.to_q.build(input_shape)
             self.to_kv.build(input_shape)
         else:
             self.to_qkv.build(input_shape)
+
+    def build(self, input_shape):
+        if self.norm_layer is not None:
+            self.norm_layer.build(input_shape)
+        self.build_projections(input_shape)
         if self.to_out is not None:
             self.to_out.build((*input_shape[:-1], self.inner_dim))
 
@@ -160,7 +175,7 @@ class Attention(VitkitLayer):
 
     def attend(self, q, k, v, training=None, key_mask=None):
         """(b, n, h, d) queries, keys, values -> (b, n, h, d); `key_mask` (b, n_k) as in `call`."""
-        if self.fusable and not (training and self.dropout > 0):
+        if self.fusable and not (training and self.attn_dropout.rate > 0):
             return ops.dot_product_attention(
                 q,
                 k,

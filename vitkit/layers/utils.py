@@ -192,21 +192,54 @@ def patchify(images, patch_size: Sequence[int], data_format: str = "channels_las
     return ops.reshape(x, (b, (hh // p1) * (ww // p2), p1 * p2 * c))
 
 
-def zero_pad(x, axis: int, before: int = 0, after: int = 0):
-    """`x` with `before` and `after` zeros along `axis`.
+def check_positive(name: str, value, owner: str = "") -> float:
+    """A real number > 0 (bools refused), else a ValueError naming `name`."""
+    where = f"{owner}: " if owner else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{where}`{name}` must be a number > 0; got {value!r}.")
+    return value
 
-    Concatenated zeros rather than `ops.pad`: under torch.compile(fullgraph=True), a Keras
+
+def check_int_tuple(name: str, value, minimum: int = 1, owner: str = "", length=None) -> tuple:
+    """A tuple (or list, as JSON gives it back) of ints >= `minimum`; of `length` items if
+    given (an int or a `range` of allowed lengths)."""
+    where = f"{owner}: " if owner else ""
+    allowed = range(length, length + 1) if isinstance(length, int) else length
+    if (
+        not isinstance(value, (tuple, list))
+        or not value
+        or (allowed is not None and len(value) not in allowed)
+    ):
+        size = "" if allowed is None else f" of {_lengths(allowed)} integers"
+        raise ValueError(f"{where}`{name}` must be a tuple{size} >= {minimum}; got {value!r}.")
+    for v in value:
+        check_int(name, v, minimum, owner)
+    return tuple(value)
+
+
+def _lengths(allowed: range) -> str:
+    if len(allowed) == 1:
+        return str(allowed[0])
+    return f"{allowed[0]} to {allowed[-1]}"
+
+
+def zero_pad(x, axis: int, before: int = 0, after: int = 0, value: float = 0.0):
+    """`x` with `before` and `after` zeros (or `value`s: `-inf` for torch's max pooling) along
+    `axis`.
+
+    Concatenated blocks rather than `ops.pad`: under torch.compile(fullgraph=True), a Keras
     layer called after `ops.pad` breaks the graph ("mapping proxy affected by dictionary
     mutation", torch 2.13 with Keras 3.15).
     """
 
-    def zeros(count):  # (no `ops.repeat`: Keras 3.15's fails on torch's meta device)
-        return ops.zeros_like(ops.take(x, [0] * count, axis=axis))
+    def block(count):  # (no `ops.repeat`: Keras 3.15's fails on torch's meta device)
+        zeros = ops.zeros_like(ops.take(x, [0] * count, axis=axis))
+        return zeros + ops.cast(value, x.dtype) if value else zeros
 
-    parts = [zeros(before)] if before else []
+    parts = [block(before)] if before else []
     parts.append(x)
     if after:
-        parts.append(zeros(after))
+        parts.append(block(after))
     return ops.concatenate(parts, axis=axis) if len(parts) > 1 else x
 
 

@@ -25,12 +25,13 @@ from vitkit.layers.utils import (
 class VitkitModel(ConfigMixin, keras.Model):
     """Base of every vitkit image model.
 
-    Subclasses set `self.image_hw` (the configured `(height, width)`) and `self.channels` (the
-    image channels; a model whose `channels` argument means something else overrides the
-    `input_channels` property instead), and may override `check_spatial(height, width)` for the
-    sizes they accept. `get_config()` returns
-    exactly the constructor's arguments; unknown keyword arguments are a `TypeError`.
-    Constructors check and keep their arguments with `keep_args(locals())`.
+    Subclasses set `self.image_hw` (the configured `(height, width)`; `None` for a model whose
+    constructor names no image size, which then overrides `default_image_hw`) and
+    `self.channels` (the image channels; a model whose `channels` argument means something else
+    overrides the `input_channels` property instead), and may override
+    `check_spatial(height, width)` for the sizes they accept. `get_config()` returns exactly the
+    constructor's arguments; unknown keyword arguments are a `TypeError`. Constructors check
+    and keep their arguments with `keep_args(locals())`.
     """
 
     min_classes = 1  # the smallest `num_classes` the model takes
@@ -63,6 +64,12 @@ class VitkitModel(ConfigMixin, keras.Model):
         """Channels of the images this model takes."""
         return self.channels
 
+    @property
+    def default_image_hw(self) -> tuple[int, int]:
+        """(height, width) of the images the model is built at, exported at and fed (by the
+        CLI) unless told otherwise: its configured `image_hw`."""
+        return tuple(self.image_hw)
+
     def expected_shape(self, height="height", width="width") -> tuple:
         """The input shape as text, in this model's data format."""
         if self.data_format == "channels_last":
@@ -72,7 +79,9 @@ class VitkitModel(ConfigMixin, keras.Model):
     def check_spatial(self, height: int, width: int) -> None:
         """Raise a ValueError if this model cannot take images of this size (static sizes only)."""
         if (height, width) != tuple(self.image_hw):
-            self.bad_input(f"images of exactly {tuple(self.image_hw)} pixels", (height, width))
+            self.bad_input(
+                f"images of exactly {tuple(self.image_hw)} pixels", f"{height}x{width} images"
+            )
 
     def check_patch_grid(self, height: int, width: int) -> None:
         """`check_spatial` of models whose learned position table is cut to the input's number
@@ -108,7 +117,7 @@ class VitkitModel(ConfigMixin, keras.Model):
 
     def default_input_shape(self, batch: int = 1) -> tuple:
         """Shape of a batch of images of the configured size, in this model's data format."""
-        h, w = self.image_hw
+        h, w = self.default_image_hw
         if self.data_format == "channels_last":
             return (batch, h, w, self.input_channels)
         return (batch, self.input_channels, h, w)
