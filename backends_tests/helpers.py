@@ -52,13 +52,14 @@ def reference_class(spec):
 
 
 def randomize_torch(module, seed=0, scale=0.3):
-    """Every parameter and floating buffer drawn at random (no default init survives);
-    running variances stay positive."""
+    """Every entry of the state dict (parameters and persistent buffers) drawn at random (no
+    default init survives); running variances stay positive. Non-persistent buffers are no
+    state (index tables the module computes from its config) and stay as they are."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        for name, tensor in module.state_dict(keep_vars=True).items():
             if not tensor.is_floating_point():
                 tensor.copy_(torch.randint(0, 10, tensor.shape, generator=g))
             elif "running_var" in name:
@@ -109,24 +110,46 @@ def gradients(model, x, weights):
     return [w.value.grad for w in weights]
 
 
-def compiled_forward(model, x):
-    """The model's forward pass compiled: XLA on JAX and TensorFlow, torch.compile on torch."""
+def compiled_forward(model, batches):
+    """The model's forward pass compiled once (XLA on JAX and TensorFlow, torch.compile on
+    torch) and run on each batch in turn: (outputs per batch, number of traces). TensorFlow
+    traces with the batch dimension unknown (an input signature, as `reduce_retracing` would
+    after two sizes), torch with it marked dynamic."""
+    traces = []
     if BACKEND == "jax":
         import jax
 
         tv = [v.value for v in model.trainable_variables]
         ntv = [v.value for v in model.non_trainable_variables]
-        fn = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x)[0])
-        return fn(tv, ntv, x)
+
+        def forward(tv, ntv, x):
+            traces.append(x.shape)
+            return model.stateless_call(tv, ntv, x)[0]
+
+        fn = jax.jit(forward)
+        return [fn(tv, ntv, x) for x in batches], len(traces)
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(lambda x: model(x, training=False), jit_compile=True)(x)
+        spec = tf.TensorSpec((None, *batches[0].shape[1:]), "float32")
+
+        @tf.function(jit_compile=True, input_signature=[spec])
+        def forward(x):
+            traces.append(x.shape)
+            return model(x, training=False)
+
+        return [forward(x) for x in batches], len(traces)
     import torch
 
-    # aot_eager: dynamo capture + AOT autograd tracing, without a C++ toolchain.
-    fn = torch.compile(lambda x: model(x, training=False), backend="aot_eager", fullgraph=True)
-    return fn(torch.as_tensor(x))
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    # aot_eager: dynamo capture + AOT autograd tracing, without a C++ toolchain. The batch
+    # dimension is marked dynamic, so the second batch size reuses the first graph.
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(lambda x: model(x, training=False), backend=counter, fullgraph=True)
+    tensors = [torch.as_tensor(x) for x in batches]
+    torch._dynamo.mark_dynamic(tensors[0], 0)
+    return [fn(x) for x in tensors], counter.frame_count
 
 
 def template_task(model, classes, samples=96, seed=0):

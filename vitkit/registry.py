@@ -27,6 +27,12 @@ class ModelSpec:
         invalid: `(overrides of tiny, name of the parameter the ValueError must name)` pairs.
         reference: the vit-pytorch class, `"module.Class"` under `vit_pytorch`.
         digits: a configuration suited to the 8x8 digits data (`vitkit train`).
+        parity_sizes: `(height, width)` of the parity test's images, one per `parity`
+            configuration, for architectures whose constructor takes no `image_size`
+            (default: the model's `image_hw`).
+        wrong_size: `(height, width)` of images the tiny model must refuse with a clear
+            error; by default one pixel taller than its own size, which models whose
+            convolutions round sizes down may accept.
     """
 
     name: str
@@ -37,6 +43,8 @@ class ModelSpec:
     invalid: tuple = ()
     reference: str | None = None
     digits: dict | None = None
+    parity_sizes: tuple = ()
+    wrong_size: tuple | None = None
 
 
 _MODELS: dict[str, ModelSpec] = {}
@@ -52,11 +60,15 @@ def register_model(
     name: str | None = None,
     reference: str | None = None,
     digits: dict | None = None,
+    parity_sizes=(),
+    wrong_size: tuple | None = None,
 ):
     """Class decorator that registers an architecture under its module's name."""
 
     def decorate(cls):
         arch = name or cls.__module__.rsplit(".", 1)[-1]
+        if parity_sizes and len(parity_sizes) != len(parity):
+            raise ValueError(f"{arch}: give one of `parity_sizes` per `parity` configuration")
         if arch in _MODELS and _MODELS[arch].cls is not cls:
             raise ValueError(f"architecture {arch!r} is registered twice")
         spec = ModelSpec(
@@ -68,6 +80,8 @@ def register_model(
             invalid=tuple(invalid),
             reference=reference or f"{arch}.{cls.__name__}",
             digits=dict(digits) if digits is not None else None,
+            parity_sizes=tuple(tuple(size) for size in parity_sizes),
+            wrong_size=tuple(wrong_size) if wrong_size is not None else None,
         )
         _MODELS[arch] = spec
         for preset in spec.presets:

@@ -2,6 +2,7 @@
 
 from vitkit.layers.attention import Attention
 from vitkit.layers.base import ConfigMixin, VitkitLayer
+from vitkit.layers.conv import PEG, ZeroPaddedConv2D
 from vitkit.layers.embedding import (
     ClassToken,
     LearnedPositionEmbedding,
@@ -11,18 +12,38 @@ from vitkit.layers.embedding import (
     sincos_2d_table,
 )
 from vitkit.layers.feed_forward import FeedForward
+from vitkit.layers.position_bias import (
+    DynamicPositionBias,
+    RelativePositionBias,
+    relative_position_index,
+)
 from vitkit.layers.transformer import Transformer
+from vitkit.layers.windows import (
+    SpatialReductionAttention,
+    WindowAttention,
+    window_merge,
+    window_partition,
+)
 
 __all__ = [
+    "PEG",
     "Attention",
     "ClassToken",
     "ConfigMixin",
+    "DynamicPositionBias",
     "FeedForward",
     "LearnedPositionEmbedding",
     "PatchEmbedding",
+    "RelativePositionBias",
     "SinCosPositionEmbedding2D",
+    "SpatialReductionAttention",
     "TokenPool",
     "Transformer",
     "VitkitLayer",
+    "WindowAttention",
+    "ZeroPaddedConv2D",
+    "relative_position_index",
     "sincos_2d_table",
+    "window_merge",
+    "window_partition",
 ]

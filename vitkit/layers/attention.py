@@ -28,6 +28,11 @@ class Attention(VitkitLayer):
     and values come from the normed `x` followed by the (un-normed) `context` tokens, as in
     CaiT's class attention and CrossViT's cross attention.
 
+    `call(x, bias=...)` adds an attention bias (relative or dynamic position biases),
+    broadcastable to `(b, heads, n_q, n_k)`, to the scaled scores before the softmax; the
+    fused kernel takes it too. Subclasses may build their projections differently (a strided
+    convolution for the keys and values, say) by overriding `make_projection`.
+
     Args:
         dim: token width.
         heads: number of attention heads.
@@ -39,6 +44,8 @@ class Attention(VitkitLayer):
         qkv_bias: whether the q, k, v projection has a bias.
         norm: whether to LayerNorm the input first (pre-norm).
         separate_kv: separate query and key/value projections; required for `context`.
+        dim_value: width of each value head (Keras' `value_dim`); `None` is `dim_head`.
+        output_dropout: dropout on the output projection; `None` uses `dropout`.
     """
 
     fusable = True
@@ -54,6 +61,8 @@ class Attention(VitkitLayer):
         qkv_bias=False,
         norm=True,
         separate_kv=False,
+        dim_value=None,
+        output_dropout=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -67,11 +76,21 @@ class Attention(VitkitLayer):
         self.qkv_bias = qkv_bias
         self.norm = norm
         self.separate_kv = separate_kv
+        self.dim_value = (
+            dim_value if dim_value is None else check_int("dim_value", dim_value, owner=owner)
+        )
+        self.output_dropout = (
+            output_dropout
+            if output_dropout is None
+            else check_rate("output_dropout", output_dropout, owner=owner)
+        )
 
-        self.inner_dim = heads * dim_head
+        self.inner_dim = heads * dim_head  # queries and keys
+        self.value_dim_head = dim_head if dim_value is None else dim_value
+        self.value_dim = heads * self.value_dim_head
         self.scale = dim_head**-0.5
         self.projects_out = (
-            not (heads == 1 and dim_head == dim) if project_out is None else bool(project_out)
+            not (heads == 1 and self.value_dim == dim) if project_out is None else bool(project_out)
         )
         policy = self.dtype_policy
         self.norm_layer = (
@@ -80,23 +99,24 @@ class Attention(VitkitLayer):
             else None
         )
         if separate_kv:
-            self.to_q = keras.layers.Dense(
-                self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_q"
-            )
-            self.to_kv = keras.layers.Dense(
-                2 * self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_kv"
-            )
+            self.to_q = self.make_projection("to_q", self.inner_dim)
+            self.to_kv = self.make_projection("to_kv", self.inner_dim + self.value_dim)
         else:
-            self.to_qkv = keras.layers.Dense(
-                3 * self.inner_dim, use_bias=qkv_bias, dtype=policy, name="to_qkv"
-            )
+            self.to_qkv = self.make_projection("to_qkv", 2 * self.inner_dim + self.value_dim)
         self.attn_dropout = keras.layers.Dropout(dropout, dtype=policy)
         self.to_out = (
             keras.layers.Dense(dim, use_bias=out_bias, dtype=policy, name="to_out")
             if self.projects_out
             else None
         )
-        self.out_dropout = keras.layers.Dropout(dropout, dtype=policy)
+        self.out_dropout = keras.layers.Dropout(
+            dropout if output_dropout is None else output_dropout, dtype=policy
+        )
+
+    def make_projection(self, name, units):
+        """The layer that computes `name` (`"to_qkv"`, `"to_q"` or `"to_kv"`) with `units`
+        outputs: a Dense layer; variants may return a convolution."""
+        return keras.layers.Dense(units, use_bias=self.qkv_bias, dtype=self.dtype_policy, name=name)
 
     def build(self, input_shape):
         if self.norm_layer is not None:
@@ -107,24 +127,36 @@ class Attention(VitkitLayer):
         else:
             self.to_qkv.build(input_shape)
         if self.to_out is not None:
-            self.to_out.build((*input_shape[:-1], self.inner_dim))
+            self.to_out.build((*input_shape[:-1], self.value_dim))
 
     # The pieces, in the paper's order ------------------------------------------------------
 
-    def split_heads(self, x, parts):
+    def split_heads(self, x, parts, dim_head=None):
         """(b, n, parts * h * d) -> `parts` tensors (b, n, h, d), dot_product_attention's layout."""
-        x = ops.reshape(x, (-1, ops.shape(x)[1], parts, self.heads, self.dim_head))
+        d = self.dim_head if dim_head is None else dim_head
+        x = ops.reshape(x, (-1, ops.shape(x)[1], parts, self.heads, d))
         return [x[:, :, i] for i in range(parts)]
+
+    def split_with_values(self, x, parts):
+        """(b, n, (parts - 1) * h * d + h * d_v) -> `parts` tensors (b, n, h, .): queries
+        and/or keys first, values last (their heads may be `dim_value` wide)."""
+        if self.value_dim == self.inner_dim:
+            return self.split_heads(x, parts)
+        cut = (parts - 1) * self.inner_dim
+        return [
+            *self.split_heads(x[..., :cut], parts - 1),
+            *self.split_heads(x[..., cut:], 1, self.value_dim_head),
+        ]
 
     def queries_keys_values(self, x, context=None):
         """Normed tokens (and context) -> q (b, n, h, d), k and v (b, m, h, d)."""
         if not self.separate_kv:
             if context is not None:
                 raise ValueError(f"{self.name}: `context` needs `separate_kv=True`.")
-            return self.split_heads(self.to_qkv(x), 3)
+            return self.split_with_values(self.to_qkv(x), 3)
         source = x if context is None else ops.concatenate([x, context], axis=1)
         (q,) = self.split_heads(self.to_q(x), 1)
-        k, v = self.split_heads(self.to_kv(source), 2)
+        k, v = self.split_with_values(self.to_kv(source), 2)
         return q, k, v
 
     def transform_scores(self, scores):
@@ -135,37 +167,47 @@ class Attention(VitkitLayer):
         """Hook on the attention weights `(b, h, n_q, n_k)` after the softmax."""
         return attn
 
-    def attention_weights(self, q, k, training=None):
-        """softmax(q k^T * scale) with the hooks applied: `(b, h, n_q, n_k)`."""
+    def attention_weights(self, q, k, bias=None, training=None):
+        """softmax(q k^T * scale + bias) with the hooks applied: `(b, h, n_q, n_k)`."""
         scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * ops.cast(self.scale, q.dtype)
+        if bias is not None:
+            scores = scores + ops.cast(bias, scores.dtype)
         scores = self.transform_scores(scores)
         # Softmax in float32 under mixed precision, as keras.layers.MultiHeadAttention does.
         attn = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), q.dtype)
         attn = self.transform_attention(attn)
         return self.attn_dropout(attn, training=training)
 
-    def attend(self, q, k, v, training=None):
-        """(b, n, h, d) queries, keys, values -> (b, n, h, d)."""
-        if self.fusable and not (training and self.dropout > 0):
+    def attend(self, q, k, v, bias=None, training=None):
+        """(b, n, h, d) queries, keys, values -> (b, n, h, d_v); `bias` broadcastable to
+        `(b, h, n_q, n_k)` is added to the scaled scores."""
+        # JAX's fused kernel wants values as wide as keys.
+        fused = self.fusable and self.value_dim == self.inner_dim
+        if fused and not (training and self.dropout > 0):
+            if bias is not None:
+                bias = ops.cast(bias, q.dtype)
+                while len(bias.shape) < 4:  # the kernels want (b, h, n_q, n_k), 1s broadcast
+                    bias = bias[None]
             return ops.dot_product_attention(
-                q, k, v, scale=self.scale, flash_attention=FLASH_ATTENTION
+                q, k, v, bias=bias, scale=self.scale, flash_attention=FLASH_ATTENTION
             )
-        attn = self.attention_weights(q, k, training=training)
+        attn = self.attention_weights(q, k, bias=bias, training=training)
         return ops.einsum("bhqk,bkhd->bqhd", attn, v)
 
     def project(self, out, training=None):
         """(b, n, h, d) -> (b, n, dim)."""
         shape = ops.shape(out)
-        out = ops.reshape(out, (-1, shape[1], self.inner_dim))
+        out = ops.reshape(out, (-1, shape[1], self.value_dim))
         if self.to_out is None:
             return out
         return self.out_dropout(self.to_out(out), training=training)
 
-    def call(self, x, context=None, training=None):
+    def call(self, x, context=None, bias=None, training=None):
         if self.norm_layer is not None:
             x = self.norm_layer(x)
         q, k, v = self.queries_keys_values(x, context)
-        return self.project(self.attend(q, k, v, training=training), training=training)
+        out = self.attend(q, k, v, bias=bias, training=training)
+        return self.project(out, training=training)
 
     def vit_pytorch_state_map(self, out="to_out.0"):
         """Our weights under vit-pytorch's names (`out`: where its output Linear sits)."""

@@ -19,9 +19,19 @@ class FeedForward(VitkitLayer):
         dropout: dropout after the activation and after the output projection.
         activation: any Keras activation name; `"gelu"` is the exact (erf) GELU of torch.
         norm: whether to LayerNorm the input first (pre-norm).
+        output_dropout: dropout after the output projection; `None` uses `dropout`.
     """
 
-    def __init__(self, dim, hidden_dim, dropout=0.0, activation="gelu", norm=True, **kwargs):
+    def __init__(
+        self,
+        dim,
+        hidden_dim,
+        dropout=0.0,
+        activation="gelu",
+        norm=True,
+        output_dropout=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         owner = type(self).__name__
         self.dim = check_int("dim", dim, owner=owner)
@@ -29,6 +39,11 @@ class FeedForward(VitkitLayer):
         self.dropout = check_rate("dropout", dropout, owner=owner)
         self.activation = activation
         self.norm = norm
+        self.output_dropout = (
+            output_dropout
+            if output_dropout is None
+            else check_rate("output_dropout", output_dropout, owner=owner)
+        )
 
         policy = self.dtype_policy
         self.norm_layer = (
@@ -41,7 +56,9 @@ class FeedForward(VitkitLayer):
         )
         self.hidden_dropout = keras.layers.Dropout(dropout, dtype=policy)
         self.out = keras.layers.Dense(dim, dtype=policy, name="out")
-        self.out_dropout = keras.layers.Dropout(dropout, dtype=policy)
+        self.out_dropout = keras.layers.Dropout(
+            dropout if output_dropout is None else output_dropout, dtype=policy
+        )
 
     def build(self, input_shape):
         if self.norm_layer is not None:
@@ -55,9 +72,9 @@ class FeedForward(VitkitLayer):
         x = self.hidden_dropout(self.hidden(x), training=training)
         return self.out_dropout(self.out(x), training=training)
 
-    def vit_pytorch_state_map(self, hidden="net.1", out="net.4"):
+    def vit_pytorch_state_map(self, hidden="net.1", out="net.4", norm="net.0"):
         """Our weights under vit-pytorch's names (indices inside its `nn.Sequential`)."""
         names = {hidden: self.hidden, out: self.out}
         if self.norm_layer is not None:
-            names["net.0"] = self.norm_layer
+            names[norm] = self.norm_layer
         return names

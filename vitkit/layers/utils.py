@@ -129,3 +129,23 @@ def patchify(images, patch_size: Sequence[int], data_format: str = "channels_las
         x = ops.reshape(images, (b, c, hh // p1, p1, ww // p2, p2))
         x = ops.transpose(x, (0, 2, 4, 3, 5, 1))  # b h w p1 p2 c
     return ops.reshape(x, (b, (hh // p1) * (ww // p2), p1 * p2 * c))
+
+
+def patches_to_channels(x, patch_size: Sequence[int]):
+    """Fold each patch of a channels-last map into the channels, channels outermost:
+    `(b, h*p1, w*p2, c) -> (b, h, w, c*p1*p2)` in `(c, p1, p2)` order, as vit-pytorch's
+    convolutional models write `b c (h p1) (w p2) -> b (c p1 p2) h w`."""
+    p1, p2 = patch_size
+    _, hh, ww, c = ops.shape(x)
+    x = ops.reshape(x, (-1, hh // p1, p1, ww // p2, p2, c))
+    x = ops.transpose(x, (0, 1, 3, 5, 2, 4))  # b h w c p1 p2
+    return ops.reshape(x, (-1, hh // p1, ww // p2, c * p1 * p2))
+
+
+def smallest_side(accepts, limit: int = 4096) -> int:
+    """The smallest image side `n >= 1` for which `accepts(n)` holds: the default input size
+    of models that take many sizes. A ValueError if none up to `limit` does."""
+    for side in range(1, limit + 1):
+        if accepts(side):
+            return side
+    raise ValueError(f"no image side up to {limit} pixels suits this configuration.")
