@@ -140,7 +140,6 @@ def compiled_forward(model, batches):
 
         return [forward(x) for x in batches], len(traces)
     import torch
-
     from torch._dynamo.testing import CompileCounterWithBackend
 
     # aot_eager: dynamo capture + AOT autograd tracing, without a C++ toolchain. The batch

@@ -183,8 +183,8 @@ class LocalTokenizer(VitkitLayer):
 
 # fmt: off
 @register_model(
-    tiny=dict(
-        dim=(8, 12, 16, 10), depth=(1, 0, 1, 0), window_size=2, num_classes=5,
+    tiny=dict(  # every stage has a block: a stage's position bias table exists either way
+        dim=(8, 12, 16, 10), depth=1, window_size=2, num_classes=5,
         tokenize_local_3_conv=True, use_peg=True,
     ),
     parity=[

@@ -167,12 +167,13 @@ class TwinsTransformer(VitkitLayer):
 
 # fmt: off
 @register_model(
+    # the smallest image (8 x 8) leaves every attention at least 2 x 2 keys
     tiny=dict(
         num_classes=5,
         s1_emb_dim=8, s1_patch_size=2, s1_local_patch_size=2, s1_global_k=2, s1_depth=0,
-        s2_emb_dim=12, s2_patch_size=2, s2_local_patch_size=2, s2_global_k=2, s2_depth=0,
-        s3_emb_dim=10, s3_patch_size=2, s3_local_patch_size=2, s3_global_k=1, s3_depth=0,
-        s4_emb_dim=14, s4_patch_size=2, s4_global_k=1, s4_depth=0,
+        s2_emb_dim=12, s2_patch_size=2, s2_local_patch_size=2, s2_global_k=1, s2_depth=0,
+        s3_emb_dim=10, s3_patch_size=1, s3_local_patch_size=2, s3_global_k=1, s3_depth=0,
+        s4_emb_dim=14, s4_patch_size=1, s4_global_k=1, s4_depth=0,
     ),
     parity=[
         dict(num_classes=5,
@@ -193,18 +194,6 @@ class TwinsTransformer(VitkitLayer):
              s4_emb_dim=13, s4_patch_size=2, s4_global_k=2, s4_depth=1, peg_kernel_size=1),
     ],
     parity_sizes=[(32, 16), (48, 96), (16, 32)],
-    presets={
-        # Table 2 of the paper: Twins-SVT-S, -B, -L (heads fixed at 8 x 64 in vit-pytorch)
-        "twins_svt_small": dict(num_classes=1000, s1_emb_dim=64, s2_emb_dim=128,
-                                s3_emb_dim=256, s4_emb_dim=512, s1_depth=1, s2_depth=1,
-                                s3_depth=9, s4_depth=1),
-        "twins_svt_base": dict(num_classes=1000, s1_emb_dim=96, s2_emb_dim=192,
-                               s3_emb_dim=384, s4_emb_dim=768, s1_depth=1, s2_depth=1,
-                               s3_depth=17, s4_depth=1),
-        "twins_svt_large": dict(num_classes=1000, s1_emb_dim=128, s2_emb_dim=256,
-                                s3_emb_dim=512, s4_emb_dim=1024, s1_depth=1, s2_depth=1,
-                                s3_depth=17, s4_depth=1),
-    },
     invalid=[
         (dict(s2_emb_dim=0), "s2_emb_dim"),
         (dict(s1_patch_size=0), "s1_patch_size"),
