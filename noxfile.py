@@ -1,7 +1,9 @@
-"""The test matrix: `nox` runs every backend's tests and the linter.
+"""The test matrix: `nox` runs every backend's tests, the linter and the docs build.
 
-Each backend's session gets its own virtualenv with only that backend, plus torch 2.13.0 and
-vit-pytorch 1.26.11 (installed with --no-deps) as the numerical reference for parity tests.
+Each backend's session gets its own virtualenv with that backend and the test dependencies:
+torch 2.13.0 and vit-pytorch 1.26.11 (installed with --no-deps) as the numerical reference for
+parity tests, and TensorFlow (CPU) with tf2onnx and onnxruntime, through which every backend
+exports to SavedModel and ONNX. The tests run with KERAS_BACKEND set to the session's backend.
 """
 
 import os
@@ -11,17 +13,18 @@ import nox
 BACKENDS = ("jax", "torch", "tensorflow")
 # The backend packages each session installs. torch is pinned: a newer one pulls CUDA wheels.
 TORCH = "torch==2.13.0"
-BACKEND_PACKAGES = {"jax": ["jax[cpu]"], "torch": [], "tensorflow": ["tensorflow-cpu"]}
+BACKEND_PACKAGES = {"jax": ["jax[cpu]"], "torch": [], "tensorflow": []}
+EXPORT_PACKAGES = ["tensorflow-cpu"]  # the export path of every backend; tf2onnx etc. in [test]
 REFERENCE = "vit-pytorch==1.26.11"
 
-nox.options.sessions = [f"tests-{b}" for b in BACKENDS] + ["lint"]
+nox.options.sessions = [f"tests-{b}" for b in BACKENDS] + ["lint", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 
 def install_backend(session, backend):
     session.install(TORCH)  # first, so nothing later resolves a CUDA build
     packages = BACKEND_PACKAGES[backend]
-    session.install("-e", ".[test]", *packages)
+    session.install("-e", ".[test]", *packages, *EXPORT_PACKAGES)
     session.install("--no-deps", REFERENCE)
 
 
@@ -57,3 +60,10 @@ def lint(session):
     session.install("ruff")
     session.run("ruff", "check", "vitkit", "backends_tests", "noxfile.py")
     session.run("ruff", "format", "--check", "vitkit", "backends_tests", "noxfile.py")
+
+
+@nox.session
+def docs(session):
+    """Build the mkdocs-material site, warnings as errors."""
+    session.install("mkdocs>=1.6", "mkdocs-material>=9.5")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site")

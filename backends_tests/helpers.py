@@ -31,7 +31,7 @@ def random_images(model_or_config, batch, seed=0, data_format=None, size=None):
         data_format = data_format or model.get("data_format", "channels_last")
     else:
         h, w = size or model.image_hw
-        c = model.channels
+        c = model.input_channels
         data_format = data_format or model.data_format
     x = np.random.default_rng(seed).normal(size=(batch, h, w, c)).astype("float32")
     return x if data_format == "channels_last" else x.transpose(0, 3, 1, 2)
@@ -110,11 +110,20 @@ def gradients(model, x, weights):
     return [w.value.grad for w in weights]
 
 
-def compiled_forward(model, batches):
-    """The model's forward pass compiled once (XLA on JAX and TensorFlow, torch.compile on
-    torch) and run on each batch in turn: (outputs per batch, number of traces). TensorFlow
-    traces with the batch dimension unknown (an input signature, as `reduce_retracing` would
-    after two sizes), torch with it marked dynamic."""
+def compiled_forward(model, x, training=False, **kwargs):
+    """The model's forward pass compiled: XLA on JAX and TensorFlow, torch.compile on torch.
+    `training=True` compiles the training-mode pass (random ops included); `kwargs` go to the
+    call, as constants."""
+    results, _ = compiled_forward_batches(model, [x], training=training, **kwargs)
+    return results[0]
+
+
+def compiled_forward_batches(model, batches, training=False, **kwargs):
+    """The forward pass traced once, with the batch dimension unknown, and run on each batch
+    in turn: (outputs per batch, number of traces). JAX traces a shape-polymorphic export
+    (a symbolic batch size, as `jax2tf` and Keras' exporter do), TensorFlow an `XLA` function
+    with an input signature (what `reduce_retracing` settles on after two sizes), torch a
+    graph with the batch dimension marked dynamic."""
     traces = []
     if BACKEND == "jax":
         import jax
@@ -124,10 +133,13 @@ def compiled_forward(model, batches):
 
         def forward(tv, ntv, x):
             traces.append(x.shape)
-            return model.stateless_call(tv, ntv, x)[0]
+            return model.stateless_call(tv, ntv, x, training=training, **kwargs)[0]
 
-        fn = jax.jit(forward)
-        return [fn(tv, ntv, x) for x in batches], len(traces)
+        (batch,) = jax.export.symbolic_shape("batch")
+        spec = jax.ShapeDtypeStruct((batch, *batches[0].shape[1:]), "float32")
+        shaped = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in (*tv, *ntv)]
+        exported = jax.export.export(jax.jit(forward))(shaped[: len(tv)], shaped[len(tv) :], spec)
+        return [exported.call(tv, ntv, x) for x in batches], len(traces)
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
@@ -136,18 +148,23 @@ def compiled_forward(model, batches):
         @tf.function(jit_compile=True, input_signature=[spec])
         def forward(x):
             traces.append(x.shape)
-            return model(x, training=False)
+            return model(x, training=training, **kwargs)
 
         return [forward(x) for x in batches], len(traces)
     import torch
     from torch._dynamo.testing import CompileCounterWithBackend
 
     # aot_eager: dynamo capture + AOT autograd tracing, without a C++ toolchain. The batch
-    # dimension is marked dynamic, so the second batch size reuses the first graph.
+    # dimension is marked dynamic, so a second batch size reuses the first graph. In training,
+    # Keras' torch seed generator is `torch.compiler.disable`d (Keras 3.15): random ops break
+    # the graph there, so only the inference pass is held to fullgraph.
     counter = CompileCounterWithBackend("aot_eager")
-    fn = torch.compile(lambda x: model(x, training=False), backend=counter, fullgraph=True)
+    fn = torch.compile(
+        lambda x: model(x, training=training, **kwargs), backend=counter, fullgraph=not training
+    )
     tensors = [torch.as_tensor(x) for x in batches]
-    torch._dynamo.mark_dynamic(tensors[0], 0)
+    if len(tensors) > 1:
+        torch._dynamo.mark_dynamic(tensors[0], 0)
     return [fn(x) for x in tensors], counter.frame_count
 
 

@@ -41,5 +41,18 @@ def test_readme_table_lists_every_architecture():
     import vitkit
 
     readme = (ROOT / "README.md").read_text()
+    rows = {
+        line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| `")
+    }
     for name in vitkit.list_models():
-        assert f"| `{name}` |" in readme, f"README's model table lacks {name}"
+        assert f"`{name}`" in rows, f"README's model table lacks {name}"
+        gaps = rows[f"`{name}`"].rstrip(" |").rsplit("|", 1)[-1].strip()
+        expected = ", ".join(sorted(vitkit.get_spec(name).export_gaps)) or "none"
+        assert gaps == expected, f"README's export-gaps cell for {name}: {gaps!r}, not {expected!r}"
+
+
+def test_mkdocs_nav_lists_every_page():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        rel = page.relative_to(ROOT / "docs").as_posix()
+        assert rel in nav, f"mkdocs.yml's nav lacks {rel}"

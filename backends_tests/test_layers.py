@@ -205,3 +205,22 @@ def test_zero_padded_conv_matches_torch_padding():
     assert got.shape == expected.shape == (2, 4, 3, 4)
     assert tuple(ours.compute_output_shape((2, 7, 6, 3))) == (2, 4, 3, 4)
     assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("fusable", [True, False])
+def test_key_mask_matches_vit_pytorch_masked_attention(fusable):
+    """`key_mask`: keys marked False get no weight, in the fused and the explicit path, as in
+    vit-pytorch's masked attention (ATS's); padded query rows are don't-cares there."""
+    from vit_pytorch.ats_vit import Attention as Reference
+
+    ref = randomize_torch(Reference(12, heads=3, dim_head=5)).eval()
+    ours = layers.Attention(12, heads=3, dim_head=5, project_out=True)
+    ours.fusable = fusable
+    ours.build((None, 7, 12))
+    _load(ours, ref)
+    x = np.random.default_rng(0).normal(size=(2, 7, 12)).astype("float32")
+    mask = np.array([[1, 1, 0, 1, 0, 1, 1], [1, 0, 0, 0, 1, 1, 0]], bool)
+    with torch.no_grad():
+        expected, _, _ = ref(torch.from_numpy(x), mask=torch.from_numpy(mask))
+    got = as_numpy(ours(x, key_mask=mask))
+    assert rel_err(got[mask], expected.numpy()[mask]) < 1e-5

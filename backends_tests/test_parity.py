@@ -7,13 +7,8 @@ import pytest
 import torch
 
 import vitkit
-from backends_tests.helpers import (
-    as_numpy,
-    plain_kwargs,
-    randomize_torch,
-    reference_class,
-    rel_err,
-)
+from backends_tests.helpers import as_numpy, randomize_torch, reference_class, rel_err
+from backends_tests.reference import reference_forward, reference_kwargs
 from vitkit.convert import from_vit_pytorch, vit_pytorch_keys
 
 CASES = [
@@ -26,7 +21,7 @@ def reference_pair(name, index, seed=0):
     spec = vitkit.get_spec(name)
     config = spec.parity[index]
     torch.manual_seed(seed)
-    ref = randomize_torch(reference_class(spec)(**plain_kwargs(config)), seed=seed).eval()
+    ref = randomize_torch(reference_class(spec)(**reference_kwargs(config)), seed=seed).eval()
     return spec, config, ref
 
 
@@ -43,8 +38,7 @@ def test_matches_vit_pytorch(name, index):
         h, w = ours.image_hw
     x = np.random.default_rng(index).normal(size=(3, config.get("channels", 3), h, w))
     x = x.astype("float32")
-    with torch.no_grad():
-        expected = ref(torch.from_numpy(x)).numpy()
+    expected = reference_forward(name, ref, ours, x)
     got = as_numpy(ours(x.transpose(0, 2, 3, 1), training=False))
     assert got.shape == expected.shape
     assert rel_err(got, expected) < TOLERANCE

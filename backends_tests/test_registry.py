@@ -129,3 +129,26 @@ def test_import_needs_no_other_backend():
     models, loaded = out.stdout.strip().splitlines()[-2:]
     assert "'vit'" in models
     assert loaded == "[]", f"importing vitkit loaded {loaded}"
+
+
+def test_two_models_under_one_keras_name_are_refused():
+    """Keras loads a class by its registered "package>Name": vit-pytorch's many `ViT`s must
+    register under packages of their own, or one would load as another."""
+    from vitkit import registry
+    from vitkit.models import VitkitModel
+
+    def clash():
+        @keras.saving.register_keras_serializable(package="vitkit_tests")
+        class Clash(VitkitModel):
+            pass
+
+        return Clash
+
+    try:
+        registry.register_model(tiny={}, name="clash_one")(clash())
+        with pytest.raises(ValueError, match="'vitkit_tests>Clash'.*package="):
+            registry.register_model(tiny={}, name="clash_two")(clash())
+    finally:
+        for name in ("clash_one", "clash_two"):
+            registry._MODELS.pop(name, None)
+        registry._KERAS_NAMES.pop("vitkit_tests>Clash", None)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
+import keras
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -33,6 +35,7 @@ class ModelSpec:
         wrong_size: `(height, width)` of images the tiny model must refuse with a clear
             error; by default one pixel taller than its own size, which models whose
             convolutions round sizes down may accept.
+        export_gaps: `{format: reason}` for export formats this architecture cannot reach.
     """
 
     name: str
@@ -45,10 +48,12 @@ class ModelSpec:
     digits: dict | None = None
     parity_sizes: tuple = ()
     wrong_size: tuple | None = None
+    export_gaps: dict = field(default_factory=dict)
 
 
 _MODELS: dict[str, ModelSpec] = {}
 _PRESETS: dict[str, str] = {}  # preset name -> architecture name
+_KERAS_NAMES: dict[str, type] = {}  # Keras' registered name -> model class
 
 
 def register_model(
@@ -62,6 +67,7 @@ def register_model(
     digits: dict | None = None,
     parity_sizes=(),
     wrong_size: tuple | None = None,
+    export_gaps: dict | None = None,
 ):
     """Class decorator that registers an architecture under its module's name."""
 
@@ -71,6 +77,15 @@ def register_model(
             raise ValueError(f"{arch}: give one of `parity_sizes` per `parity` configuration")
         if arch in _MODELS and _MODELS[arch].cls is not cls:
             raise ValueError(f"architecture {arch!r} is registered twice")
+        # Keras finds a class by "package>Name" when loading: two classes under one name
+        # would load as whichever registered last (vit-pytorch has many `ViT`s).
+        keras_name = keras.saving.get_registered_name(cls)
+        if _KERAS_NAMES.setdefault(keras_name, cls) is not cls:
+            raise ValueError(
+                f"{cls.__module__}.{cls.__name__} is registered with Keras as {keras_name!r}, "
+                f"as {_KERAS_NAMES[keras_name].__module__}.{cls.__name__} already is: use "
+                f'`register_keras_serializable(package="vitkit.{arch}")`.'
+            )
         spec = ModelSpec(
             name=arch,
             cls=cls,
@@ -82,6 +97,7 @@ def register_model(
             digits=dict(digits) if digits is not None else None,
             parity_sizes=tuple(tuple(size) for size in parity_sizes),
             wrong_size=tuple(wrong_size) if wrong_size is not None else None,
+            export_gaps=dict(export_gaps or {}),
         )
         _MODELS[arch] = spec
         for preset in spec.presets:
@@ -119,6 +135,15 @@ def get_spec(name: str) -> ModelSpec:
         known = ", ".join(sorted(_MODELS) + sorted(_PRESETS))
         raise ValueError(f"unknown model or preset {name!r}; known: {known}.")
     return _MODELS[arch]
+
+
+def spec_of(model) -> ModelSpec | None:
+    """The `ModelSpec` whose class `model` is an instance of (None for unregistered models)."""
+    _load_all()
+    for spec in _MODELS.values():
+        if type(model) is spec.cls:
+            return spec
+    return None
 
 
 def create_model(name: str, **kwargs):

@@ -1,6 +1,7 @@
 """Shared building blocks. Papers extend these through arguments or small subclasses."""
 
 from vitkit.layers.attention import Attention
+from vitkit.layers.attention_variants import LocalitySelfAttention, TalkingHeadsAttention, mix_heads
 from vitkit.layers.base import ConfigMixin, VitkitLayer
 from vitkit.layers.conv import PEG, ZeroPaddedConv2D
 from vitkit.layers.embedding import (
@@ -12,6 +13,7 @@ from vitkit.layers.embedding import (
     sincos_2d_table,
 )
 from vitkit.layers.feed_forward import FeedForward
+from vitkit.layers.layer_scale import LayerScale, layer_scale_init
 from vitkit.layers.position_bias import (
     DynamicPositionBias,
     RelativePositionBias,
@@ -32,16 +34,21 @@ __all__ = [
     "ConfigMixin",
     "DynamicPositionBias",
     "FeedForward",
+    "LayerScale",
     "LearnedPositionEmbedding",
+    "LocalitySelfAttention",
     "PatchEmbedding",
     "RelativePositionBias",
     "SinCosPositionEmbedding2D",
     "SpatialReductionAttention",
+    "TalkingHeadsAttention",
     "TokenPool",
     "Transformer",
     "VitkitLayer",
     "WindowAttention",
     "ZeroPaddedConv2D",
+    "layer_scale_init",
+    "mix_heads",
     "relative_position_index",
     "sincos_2d_table",
     "window_merge",

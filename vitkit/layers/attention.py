@@ -11,6 +11,9 @@ from vitkit.layers.base import VitkitLayer
 from vitkit.layers.utils import check_int, check_rate
 
 LN_EPSILON = 1e-5  # torch.nn.LayerNorm's default, so numbers match vit-pytorch
+# Score of a masked key: vit-pytorch fills with -finfo(float32).max, so a row with every key
+# masked comes out uniform there and here.
+MASKED_SCORE = -3.4028234663852886e38
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -20,8 +23,15 @@ class Attention(VitkitLayer):
     `LayerNorm -> one projection to q, k, v -> softmax(q k^T / sqrt(dim_head)) v -> output
     projection`. The product goes through `keras.ops.dot_product_attention`, so each backend
     runs its fused kernel. Variants that must see the attention matrix set `fusable = False`
-    and override `transform_scores` (before the softmax) or `transform_attention` (after it);
-    dropout on the attention weights also takes that explicit path, in training only.
+    and override `transform_scores` (before the softmax), `transform_attention` (after it and
+    its dropout) or `score_scale` (the factor on `q k^T`); dropout on the attention weights
+    also takes that explicit path, in training only. `vitkit.layers.attention_variants` holds
+    the variants more than one paper uses.
+
+    `call(x, key_mask=...)` takes a key-padding mask `(b, n_k)`, True where a token may be
+    attended to (vit-pytorch's `masked_fill` with `-finfo.max` on the scores): for sequences
+    padded to a static length, as ATS makes them. (Not Keras' implicit `mask`: nothing
+    propagates it.)
 
     With `separate_kv=True` the queries and the keys/values have their own projections
     (`to_q`, `to_kv`), and `call(x, context=...)` attends from `x` to `[x, context]`: the keys
@@ -164,23 +174,34 @@ class Attention(VitkitLayer):
         return scores
 
     def transform_attention(self, attn):
-        """Hook on the attention weights `(b, h, n_q, n_k)` after the softmax."""
+        """Hook on the attention weights `(b, h, n_q, n_k)` after the softmax and its dropout."""
         return attn
 
-    def attention_weights(self, q, k, bias=None, training=None):
-        """softmax(q k^T * scale + bias) with the hooks applied: `(b, h, n_q, n_k)`."""
-        scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * ops.cast(self.scale, q.dtype)
+    def score_scale(self, dtype):
+        """The factor on `q k^T`: `dim_head ** -0.5` (LSA learns it instead)."""
+        return ops.cast(self.scale, dtype)
+
+    def attention_weights(self, q, k, bias=None, training=None, key_mask=None):
+        """softmax(q k^T * scale + bias) with the hooks applied: `(b, h, n_q, n_k)`. Keys
+        where the `(b, n_k)` `key_mask` is False get a weight of zero.
+
+        Dropout acts on the softmax's output, before `transform_attention`, as in every
+        vit-pytorch variant that post-processes the weights (DeepViT, CaiT, ATS)."""
+        scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * self.score_scale(q.dtype)
         if bias is not None:
             scores = scores + ops.cast(bias, scores.dtype)
         scores = self.transform_scores(scores)
         # Softmax in float32 under mixed precision, as keras.layers.MultiHeadAttention does.
-        attn = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), q.dtype)
-        attn = self.transform_attention(attn)
-        return self.attn_dropout(attn, training=training)
+        scores = ops.cast(scores, "float32")
+        if key_mask is not None:
+            scores = ops.where(key_mask[:, None, None, :], scores, MASKED_SCORE)
+        attn = ops.cast(ops.softmax(scores, axis=-1), q.dtype)
+        attn = self.attn_dropout(attn, training=training)
+        return self.transform_attention(attn)
 
-    def attend(self, q, k, v, bias=None, training=None):
+    def attend(self, q, k, v, bias=None, training=None, key_mask=None):
         """(b, n, h, d) queries, keys, values -> (b, n, h, d_v); `bias` broadcastable to
-        `(b, h, n_q, n_k)` is added to the scaled scores."""
+        `(b, h, n_q, n_k)` is added to the scaled scores, `key_mask` (b, n_k) as in `call`."""
         # JAX's fused kernel wants values as wide as keys.
         fused = self.fusable and self.value_dim == self.inner_dim
         if fused and not (training and self.dropout > 0):
@@ -189,9 +210,15 @@ class Attention(VitkitLayer):
                 while len(bias.shape) < 4:  # the kernels want (b, h, n_q, n_k), 1s broadcast
                     bias = bias[None]
             return ops.dot_product_attention(
-                q, k, v, bias=bias, scale=self.scale, flash_attention=FLASH_ATTENTION
+                q,
+                k,
+                v,
+                bias=bias,
+                mask=None if key_mask is None else key_mask[:, None, None, :],
+                scale=self.scale,
+                flash_attention=FLASH_ATTENTION,
             )
-        attn = self.attention_weights(q, k, bias=bias, training=training)
+        attn = self.attention_weights(q, k, bias=bias, training=training, key_mask=key_mask)
         return ops.einsum("bhqk,bkhd->bqhd", attn, v)
 
     def project(self, out, training=None):
@@ -202,11 +229,11 @@ class Attention(VitkitLayer):
             return out
         return self.out_dropout(self.to_out(out), training=training)
 
-    def call(self, x, context=None, bias=None, training=None):
+    def call(self, x, context=None, bias=None, training=None, key_mask=None):
         if self.norm_layer is not None:
             x = self.norm_layer(x)
         q, k, v = self.queries_keys_values(x, context)
-        out = self.attend(q, k, v, bias=bias, training=training)
+        out = self.attend(q, k, v, bias=bias, training=training, key_mask=key_mask)
         return self.project(out, training=training)
 
     def vit_pytorch_state_map(self, out="to_out.0"):

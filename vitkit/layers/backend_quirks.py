@@ -9,3 +9,14 @@ import keras
 # its flash / memory-efficient kernels whenever the inputs allow.
 # JAX and TensorFlow: `None` lets JAX pick cuDNN's fused kernel on GPUs; TF ignores it.
 FLASH_ATTENTION = False if keras.config.backend() == "torch" else None
+
+
+def _gelu_via_erf(x):
+    return 0.5 * x * (1.0 + keras.ops.erf(x * 0.7071067811865476))
+
+
+# The exact (erf) GELU used by every feed-forward block.
+# tensorflow: tf.nn.gelu(approximate=False) lowers to the Erfc op, which tf2onnx cannot convert
+# (ONNX has Erf, not Erfc), and ONNX export from every backend goes through TensorFlow. The erf
+# form is the same function. Other backends keep Keras' gelu, which maps to their fused kernel.
+GELU = _gelu_via_erf if keras.config.backend() == "tensorflow" else keras.activations.gelu

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 
 from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.backend_quirks import GELU
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.utils import check_int, check_rate
 
@@ -51,8 +52,12 @@ class FeedForward(VitkitLayer):
             if norm
             else None
         )
+        # "gelu" is the exact (erf) GELU, in a form every backend can also export.
         self.hidden = keras.layers.Dense(
-            hidden_dim, activation=activation, dtype=policy, name="hidden"
+            hidden_dim,
+            activation=GELU if activation == "gelu" else activation,
+            dtype=policy,
+            name="hidden",
         )
         self.hidden_dropout = keras.layers.Dropout(dropout, dtype=policy)
         self.out = keras.layers.Dense(dim, dtype=policy, name="out")

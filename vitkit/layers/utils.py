@@ -142,10 +142,67 @@ def patches_to_channels(x, patch_size: Sequence[int]):
     return ops.reshape(x, (-1, hh // p1, ww // p2, c * p1 * p2))
 
 
-def smallest_side(accepts, limit: int = 4096) -> int:
+def per_stage(
+    name: str, value, stages: int, owner: str = "", counted_by: str | None = None
+) -> tuple:
+    """vit-pytorch's `cast_tuple` for the per-stage arguments of pyramid models: one value
+    for all `stages` stages, or a tuple (a list, from a JSON config) with one per stage. A
+    ValueError names `name` if the tuple's length is not `stages` (`counted_by`: the argument
+    that sets the number of stages, for the message)."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * stages
+    if len(values) != stages:
+        where = f"{owner}: " if owner else ""
+        counted = f" (as many as `{counted_by}` has)" if counted_by else ""
+        raise ValueError(
+            f"{where}`{name}` must be one value or a tuple of {stages}, one per "
+            f"stage{counted}; got {value!r}."
+        )
+    return values
+
+
+def smallest_side(accepts, owner: str = "", arguments: str = "", limit: int = 4096) -> int:
     """The smallest image side `n >= 1` for which `accepts(n)` holds: the default input size
-    of models that take many sizes. A ValueError if none up to `limit` does."""
+    of models that take many sizes. A ValueError naming `arguments` (the constructor
+    arguments that decide it) if none up to `limit` does."""
     for side in range(1, limit + 1):
         if accepts(side):
             return side
-    raise ValueError(f"no image side up to {limit} pixels suits this configuration.")
+    where = f"{owner}: " if owner else ""
+    raise ValueError(
+        f"{where}no image side up to {limit} pixels suits {arguments or 'this configuration'}."
+    )
+
+
+def zero_pad(x, axis: int, before: int = 0, after: int = 0):
+    """`x` with `before` and `after` zeros along `axis`.
+
+    Concatenated zeros rather than `ops.pad`: under torch.compile(fullgraph=True), a Keras
+    layer called after `ops.pad` breaks the graph ("mapping proxy affected by dictionary
+    mutation", torch 2.13 with Keras 3.15).
+    """
+    zeros = ops.zeros_like(ops.take(x, [0], axis=axis))  # one slice of zeros
+    parts = [ops.repeat(zeros, before, axis=axis)] if before else []
+    parts.append(x)
+    if after:
+        parts.append(ops.repeat(zeros, after, axis=axis))
+    return ops.concatenate(parts, axis=axis) if len(parts) > 1 else x
+
+
+def unfold(images, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int]):
+    """`torch.nn.Unfold` for channels-last images: every (kh, kw) window, zero padding.
+
+    `(b, h, w, c) -> (b, oh, ow, c * kh * kw)` with each window's values in torch's
+    `(c, kh, kw)` order, so the weights that follow load unchanged. One strided slice per
+    kernel offset: static shapes, no gather, no patch-extraction convolution.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    x = zero_pad(zero_pad(images, 1, ph, ph), 2, pw, pw)
+    _, hh, ww, c = x.shape
+    oh, ow = (hh - kh) // sh + 1, (ww - kw) // sw + 1
+    windows = [
+        x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    x = ops.stack(windows, axis=-1)  # (b, oh, ow, c, kh * kw)
+    return ops.reshape(x, (-1, oh, ow, c * kh * kw))

@@ -38,7 +38,7 @@ from vitkit.registry import register_model
         (dict(image_size=(25, 20)), "image_size"),
         (dict(num_classes=0), "num_classes"),
     ],
-    digits=dict(image_size=8, patch_size=2, num_classes=10, dim=64, depth=4, heads=4,
+    digits=dict(image_size=16, patch_size=4, num_classes=10, dim=64, depth=4, heads=4,
                 dim_head=16, mlp_dim=128, channels=1),
 )
 # fmt: on

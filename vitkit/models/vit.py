@@ -51,7 +51,7 @@ VIT_SIZES = {  # Table 1 of the paper, plus DeiT's tiny and small
         (dict(dropout=1.5), "dropout"),
         (dict(num_classes=-1), "num_classes"),
     ],
-    digits=dict(image_size=8, patch_size=2, num_classes=10, dim=64, depth=4, heads=4,
+    digits=dict(image_size=16, patch_size=4, num_classes=10, dim=64, depth=4, heads=4,
                 dim_head=16, mlp_dim=128, channels=1),
 )
 # fmt: on
@@ -83,6 +83,8 @@ class ViT(VitkitModel):
         (1, 1000)
     """
 
+    min_classes = 0  # `num_classes=0`: no head, the encoder's tokens come out
+
     def __init__(
         self,
         *,
@@ -105,7 +107,9 @@ class ViT(VitkitModel):
         owner = type(self).__name__
         self.image_size = image_size
         self.patch_size = patch_size
-        self.num_classes = check_int("num_classes", num_classes, minimum=0, owner=owner)
+        self.num_classes = check_int(
+            "num_classes", num_classes, minimum=self.min_classes, owner=owner
+        )
         self.dim = check_int("dim", dim, owner=owner)
         self.depth = check_int("depth", depth, owner=owner)
         self.heads = check_int("heads", heads, owner=owner)
@@ -139,22 +143,29 @@ class ViT(VitkitModel):
         )
 
     def check_spatial(self, height, width):
-        (ph, pw), (ih, iw) = self.patch_hw, self.image_hw
-        if height % ph or width % pw or height > ih or width > iw:
-            self.bad_input(
-                f"height <= {ih} and width <= {iw}, both divisible by `patch_size` {(ph, pw)}",
-                f"{height}x{width} images",
-            )
+        self.check_patch_grid(height, width)
 
     def call(self, images, training=None):
+        x = self.encode(self.embed(images), training=training)
+        return x if self.head is None else self.classify(x)
+
+    # The pieces of `call`, for variants that add tokens (DistillableViT) -------------------
+
+    def embed(self, images):
+        """Images -> patch tokens, class token first, positions added: `(b, [1 +] n, dim)`."""
         x = self.patch_embed(self.check_images(images))  # (b, n, dim)
         if self.cls_token is not None:
             x = self.cls_token(x)  # (b, 1 + n, dim)
-        x = self.embedding_dropout(self.pos_embedding(x), training=training)
-        x = self.transformer(x, training=training)
-        if self.head is None:
-            return x
-        return self.head(self.pooling(x))  # (b, num_classes)
+        return self.pos_embedding(x)
+
+    def encode(self, x, training=None):
+        """Embedding dropout, then the transformer: `(b, m, dim) -> (b, m, dim)`."""
+        x = self.embedding_dropout(x, training=training)
+        return self.transformer(x, training=training)
+
+    def classify(self, x):
+        """Encoded tokens -> `(b, num_classes)`: class token or mean, then the head."""
+        return self.head(self.pooling(x))
 
     def vit_pytorch_state_map(self):
         """Our weights under the names of `vit_pytorch.vit.ViT`'s state dict."""

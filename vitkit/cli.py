@@ -1,0 +1,413 @@
+"""The `vitkit` command: train, evaluate, predict, export, list.
+
+    vitkit train simple_vit --dataset digits
+    vitkit evaluate runs/simple_vit/model.keras --dataset digits
+    vitkit predict runs/simple_vit/model.keras image.png
+    vitkit export runs/simple_vit/model.keras --format onnx --out model.onnx
+    vitkit list
+
+Runs on whatever `KERAS_BACKEND` names. Errors are one line on stderr and a non-zero exit;
+set `VITKIT_DEBUG=1` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+IMAGE_SIZE_KEYS = ("image_size", "img_size")
+CHANNEL_KEYS = ("channels", "n_input_channels")
+DEFAULT_FOLDER_SIZE = 32
+
+
+class CLIError(Exception):
+    """A problem with the command's arguments or inputs: reported as one line."""
+
+
+# Model configuration ------------------------------------------------------------------------
+
+
+def _parse_sets(pairs):
+    """`["dim=128", "pool='mean'"]` -> {"dim": 128, "pool": "mean"}."""
+    overrides = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--set takes KEY=VALUE; got {pair!r}")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value  # a bare word: a string
+    return overrides
+
+
+def model_config(name, num_classes, channels, image_size=None, overrides=None):
+    """Constructor keywords for `name` (an architecture or a preset) sized for a dataset."""
+    from vitkit.layers.utils import constructor_args
+    from vitkit.registry import get_spec
+
+    try:
+        spec = get_spec(name)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    config = dict(spec.presets.get(name, spec.digits or spec.tiny))
+    args = set(constructor_args(spec.cls))
+    if "num_classes" in args:
+        config["num_classes"] = num_classes
+    for key in CHANNEL_KEYS:  # only where the argument is the image channels
+        if key in args and isinstance(config.get(key, 3), int):
+            config[key] = channels
+    if image_size is not None:
+        for key in IMAGE_SIZE_KEYS:
+            if key in args:
+                config[key] = image_size
+    config.update(overrides or {})
+    return spec, config
+
+
+def fit_data_to_model(x, model):
+    """Resize and re-channel channels-last images to what `model` takes."""
+    import numpy as np
+
+    from vitkit.data import resize
+
+    x = resize(x, model.image_hw)
+    want = model.input_channels
+    if x.shape[-1] != want:
+        if x.shape[-1] == 1:
+            x = np.repeat(x, want, axis=-1)
+        elif want == 1:
+            x = x.mean(axis=-1, keepdims=True)
+        else:
+            raise CLIError(f"the model takes {want} channels; the images have {x.shape[-1]}")
+    if model.data_format == "channels_first":
+        x = x.transpose(0, 3, 1, 2)
+    return x.astype("float32")
+
+
+def load_dataset(dataset, image_size, channels, seed):
+    from vitkit import data
+
+    if dataset == "digits":
+        return data.load_digits(seed=seed)
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    return data.load_folder(dataset, size or (DEFAULT_FOLDER_SIZE,) * 2, channels, seed=seed)
+
+
+def load_model(path):
+    """A `.keras` file, loaded safely; a clear error for anything else."""
+    import zipfile
+
+    import keras
+
+    import vitkit  # noqa: F401  (registers the classes)
+
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"model file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CLIError(f"{path} is not a .keras file (not a zip archive)")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as err:  # Keras raises many types for a bad file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"cannot load {path}: {first}") from None
+
+
+# Commands -------------------------------------------------------------------------------
+
+
+def cmd_list(args):
+    from vitkit.registry import get_spec, list_models
+
+    for name in list_models():
+        spec = get_spec(name)
+        presets = ", ".join(sorted(spec.presets)) or "-"
+        print(f"{name:24s} {spec.cls.__module__}.{spec.cls.__name__:20s} presets: {presets}")
+
+
+def save_curves(history, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = range(1, len(history["loss"]) + 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, axis in (("loss", left), ("accuracy", right)):
+        axis.plot(epochs, history[key], label="train")
+        if f"val_{key}" in history:
+            axis.plot(epochs, history[f"val_{key}"], label="validation")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(key)
+        axis.legend()
+        axis.grid(alpha=0.3)
+    fig.suptitle("vitkit training curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_train(args):
+    import keras
+    import numpy as np
+
+    from vitkit.data import augmented_batches
+
+    # Everything a user can get wrong is checked before the backend starts up.
+    data = load_dataset(args.dataset, args.image_size, 1 if args.grayscale else 3, args.seed)
+    spec, config = model_config(
+        args.model, len(data.class_names), data.channels, args.image_size, _parse_sets(args.set)
+    )
+    try:
+        model = spec.cls(**config)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"cannot build {args.model}: {err}") from None
+    keras.utils.set_random_seed(args.seed)  # before the weights are drawn
+    model.build_default()
+    if args.limit:
+        data.x_train, data.y_train = data.x_train[: args.limit], data.y_train[: args.limit]
+        data.x_test, data.y_test = data.x_test[: args.limit], data.y_test[: args.limit]
+    x_train = fit_data_to_model(data.x_train, model)
+    x_test = fit_data_to_model(data.x_test, model)
+
+    out = Path(args.out or Path("runs") / args.model)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = args.epochs * -(-(len(x_train) - len(x_train[::10])) // args.batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, steps, warmup_target=args.lr, warmup_steps=max(1, steps // 10)
+    )
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=args.weight_decay),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile="auto" if args.jit else False,
+    )
+    print(
+        f"training {type(model).__name__} ({args.model}) on {args.dataset}: "
+        f"{len(x_train)} train / {len(x_test)} test images, {model.count_params():,} parameters, "
+        f"backend {keras.config.backend()}"
+    )
+    # 10 % of the training images for validation; the test split stays unseen until the end.
+    x_val, y_val = x_train[::10], data.y_train[::10]
+    keep = np.ones(len(x_train), bool)
+    keep[::10] = False
+    x_fit, y_fit = x_train[keep], data.y_train[keep]
+    if args.augment:
+        # random translations of up to 1/8 of the image side (1 pixel on 8x8 digits)
+        shift = max(1, model.image_hw[0] // 8)
+        batches = augmented_batches(
+            x_fit,
+            y_fit,
+            args.batch_size,
+            shift,
+            args.seed,
+            channels_first=model.data_format == "channels_first",
+        )
+        fit_args = dict(x=batches)
+    else:
+        fit_args = dict(x=x_fit, y=y_fit, batch_size=args.batch_size)
+    start = time.time()
+    history = model.fit(
+        **fit_args, validation_data=(x_val, y_val), epochs=args.epochs, verbose=args.verbose
+    ).history
+    seconds = time.time() - start
+    test = model.evaluate(x_test, data.y_test, verbose=0, return_dict=True)
+
+    model.save(out / "model.keras")
+    (out / "classes.json").write_text(json.dumps(data.class_names))
+    history = {k: [float(v) for v in vals] for k, vals in history.items()}
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    metrics = {
+        "model": args.model,
+        "backend": keras.config.backend(),
+        "test_accuracy": float(test["accuracy"]),
+        "test_loss": float(test["loss"]),
+        "train_seconds": round(seconds, 1),
+        "epochs": args.epochs,
+        "config": config,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    save_curves(history, out / "training_curves.png")
+    print(f"test accuracy: {test['accuracy']:.4f} (loss {test['loss']:.4f}) in {seconds:.0f} s")
+    print(f"saved {out / 'model.keras'} and {out / 'training_curves.png'}")
+
+
+def cmd_evaluate(args):
+    model = load_model(args.model_file)
+    data = load_dataset(args.dataset, model.image_hw, model.input_channels, args.seed)
+    x_test = fit_data_to_model(data.x_test, model)
+    import keras
+
+    logits = keras.ops.convert_to_numpy(model.predict(x_test, verbose=0))
+    accuracy = float((logits.argmax(-1) == data.y_test).mean())
+    print(f"test accuracy: {accuracy:.4f} on {len(x_test)} images")
+
+
+def cmd_predict(args):
+    import keras
+    import numpy as np
+
+    from vitkit.data import read_image
+
+    model = load_model(args.model_file)
+    names_file = Path(args.model_file).with_name("classes.json")
+    names = json.loads(names_file.read_text()) if names_file.is_file() else None
+    for image in args.images:
+        if not Path(image).is_file():
+            raise CLIError(f"image {image} does not exist")
+        x = read_image(image, model.image_hw, model.input_channels)[None]
+        logits = keras.ops.convert_to_numpy(model(fit_data_to_model(x, model)))
+        logits = np.asarray(logits[0] if logits.ndim == 2 else logits, "float64")
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        best = int(probs.argmax())
+        label = names[best] if names and best < len(names) else str(best)
+        print(f"{image}: {label} ({probs[best]:.3f})")
+
+
+def cmd_export(args):
+    from vitkit.exporting import export
+
+    model = load_model(args.model_file)
+    path = export(model, args.out, format=args.format)
+    print(f"exported {type(model).__name__} to {path} ({args.format})")
+
+
+# Entry point ------------------------------------------------------------------------------
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="vitkit", description="Vision transformers on JAX, PyTorch and TensorFlow."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("list", help="list architectures and presets").set_defaults(run=cmd_list)
+
+    train = commands.add_parser("train", help="train a model with model.fit")
+    train.add_argument("model", help="architecture (e.g. simple_vit) or preset name")
+    train.add_argument(
+        "--dataset",
+        default="digits",
+        help="'digits' (bundled 8x8 digits) or a folder with a sub-folder per class",
+    )
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    train.add_argument("--weight-decay", type=float, default=0.05)
+    train.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize images to this size (default: the model's configured size, "
+        f"{DEFAULT_FOLDER_SIZE} for folders)",
+    )
+    train.add_argument(
+        "--augment",
+        action="store_true",
+        help="randomly translate the training images (by up to 1/8 of a side)",
+    )
+    train.add_argument("--grayscale", action="store_true", help="read folder images as 1 channel")
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a constructor argument, e.g. --set dim=128 (repeatable)",
+    )
+    train.add_argument("--out", default=None, help="output folder (default runs/MODEL)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use at most this many training (and test) images: a quick check",
+    )
+    train.add_argument(
+        "--no-jit",
+        dest="jit",
+        action="store_false",
+        help="run eagerly instead of compiling with XLA (JAX, TensorFlow)",
+    )
+    train.add_argument(
+        "--verbose",
+        type=int,
+        default=1,
+        choices=(0, 1, 2),
+        help="Keras' fit verbosity (1: progress bar)",
+    )
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="accuracy on a dataset's held-out split")
+    evaluate.add_argument("model_file")
+    evaluate.add_argument("--dataset", default="digits")
+    evaluate.add_argument("--seed", type=int, default=0, help="the split's seed (as in train)")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="classify image files")
+    predict.add_argument("model_file")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.set_defaults(run=cmd_predict)
+
+    export = commands.add_parser("export", help="export to a TF SavedModel or ONNX")
+    export.add_argument("model_file")
+    export.add_argument("--format", choices=("tf_saved_model", "onnx"), default="onnx")
+    export.add_argument("--out", required=True)
+    export.set_defaults(run=cmd_export)
+    return parser
+
+
+def _import_backend_quietly():
+    """Import Keras (and so the backend) with file descriptor 2 parked in a temporary file.
+
+    TensorFlow's C++ runtime writes start-up notices (oneDNN, CPU features, absl) straight to
+    the process's stderr, past Python's `sys.stderr` and regardless of `TF_CPP_MIN_LOG_LEVEL`.
+    A command whose errors are one line must not print them; if the import itself fails, what
+    was captured is written back so nothing is lost.
+    """
+    import tempfile
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as parked:
+        os.dup2(parked.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+
+            import vitkit.models  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            parked.seek(0)
+            sys.stderr.write(parked.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _import_backend_quietly()
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("vitkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get("VITKIT_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = "" if isinstance(err, CLIError) else " (VITKIT_DEBUG=1 shows the traceback)"
+        print(f"vitkit: error: {message}{hint}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
