@@ -123,7 +123,9 @@ def export(model, path, format="tf_saved_model", input_shape=None):
 
 def _child(source, path, format, shape):
     """The TensorFlow side of `_via_tensorflow`."""
-    import vitkit  # noqa: F401  (registers the classes the file names)
+    # `import vitkit` alone loads nothing (its attributes are lazy): import the models, so
+    # every class a .keras file may name is registered with Keras.
+    import vitkit.models  # noqa: F401
 
     model = keras.saving.load_model(source, safe_mode=True)
     shape = json.loads(shape)
