@@ -2,6 +2,7 @@
 
 from vitkit.convert.mapping import (
     Empty,
+    Ignored,
     OutputSlice,
     Pointwise,
     Reshaped,
@@ -12,6 +13,7 @@ from vitkit.convert.vit_pytorch import from_vit_pytorch, vit_pytorch_keys
 
 __all__ = [
     "Empty",
+    "Ignored",
     "OutputSlice",
     "Pointwise",
     "Reshaped",

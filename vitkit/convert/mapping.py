@@ -25,6 +25,15 @@ class Empty:
 
 
 @dataclass(frozen=True)
+class Ignored:
+    """A reference key of `shape` whose value cannot change any output, so nothing here holds
+    it: e.g. the output bias of CrossFormer's dynamic position bias, one constant added to
+    every score that a softmax then cancels (it has no gradient either)."""
+
+    shape: tuple
+
+
+@dataclass(frozen=True)
 class Reshaped:
     """A variable the reference stores in another shape with the same elements, e.g. a
     channel LayerNorm's gain kept as `(1, C, 1, 1)` where ours is `(C,)`."""
@@ -54,9 +63,9 @@ class OutputSlice:
 
 @dataclass(frozen=True)
 class Target:
-    """Where one state-dict entry goes: `variable` (None for `Empty`), the shape vit-pytorch
-    stores, the transform from that layout to ours, and `part`: `(start, stop)` on the last
-    axis of `variable` when the entry fills only that slice of it."""
+    """Where one state-dict entry goes: `variable` (None for `Empty` and `Ignored`), the shape
+    vit-pytorch stores, the transform from that layout to ours, and `part`: `(start, stop)` on
+    the last axis of `variable` when the entry fills only that slice of it."""
 
     variable: object
     torch_shape: tuple
@@ -180,7 +189,7 @@ def flatten(names: dict, prefix: str = "") -> dict[str, Target]:
         path = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, path + "."))
-        elif isinstance(value, Empty):
+        elif isinstance(value, (Empty, Ignored)):
             flat[path] = Target(None, tuple(value.shape), _same)
         elif isinstance(value, Reshaped):
             shape = tuple(value.variable.shape)

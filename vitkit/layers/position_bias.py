@@ -7,6 +7,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from vitkit.convert.mapping import Ignored
 from vitkit.layers.attention import LN_EPSILON
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.utils import check_int
@@ -80,7 +81,9 @@ class DynamicPositionBias(VitkitLayer):
     bias, so windows of any size get one: `window_bias(window_size) -> (n, n)`,
     `n = window_size**2`, shared by the heads.
 
-    The MLP is `Dense(dim) -> LayerNorm -> ReLU`, `depth` times, then `Dense(1)`. As in
+    The MLP is `Dense(dim) -> LayerNorm -> ReLU`, `depth` times, then `Dense(1)` without a
+    bias: a bias there would add one constant to every score, which the softmax cancels (so
+    vit-pytorch's, which has no gradient, is not loaded; `Ignored`). As in
     vit-pytorch 1.26.11 it is evaluated at the `(2w + 1)**2` offsets in `[-w, w]**2`, and
     offset `(dy, dx)` of a `w x w` window reads row `(dy + w - 1) * (2w - 1) + (dx + w - 1)`
     of that list. That keeps its weights interchangeable with vit-pytorch's; each offset still
@@ -104,7 +107,7 @@ class DynamicPositionBias(VitkitLayer):
             keras.layers.LayerNormalization(epsilon=LN_EPSILON, dtype=policy, name=f"norm_{i}")
             for i in range(depth)
         ]
-        self.out = keras.layers.Dense(1, dtype=policy, name="out")
+        self.out = keras.layers.Dense(1, use_bias=False, dtype=policy, name="out")
 
     def build(self, input_shape=None):
         width = 2
@@ -139,4 +142,5 @@ class DynamicPositionBias(VitkitLayer):
             names[str(3 * i)] = dense
             names[str(3 * i + 1)] = norm
         names[str(3 * self.depth)] = self.out
+        names[f"{3 * self.depth}.bias"] = Ignored((1,))
         return names
