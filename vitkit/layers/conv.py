@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import keras
-from keras import ops
 
 from vitkit.layers.base import VitkitLayer
-from vitkit.layers.utils import check_int
+from vitkit.layers.utils import check_int, zero_pad
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -59,9 +58,7 @@ class ZeroPaddedConv2D(VitkitLayer):
 
     def call(self, x):
         p = self.padding
-        if p:
-            x = ops.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        return self.conv(x)
+        return self.conv(zero_pad(zero_pad(x, 1, p, p), 2, p, p))
 
     def compute_output_shape(self, input_shape):
         b, h, w, _ = input_shape

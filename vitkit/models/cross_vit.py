@@ -26,17 +26,8 @@ class CrossViTTransformer(Transformer):
     """A branch's encoder: CrossViT's attention projects queries and keys/values separately
     (`to_q`, `to_kv`) and always has an output projection."""
 
-    def make_attention(self, index):
-        return Attention(
-            self.dim,
-            heads=self.heads,
-            dim_head=self.dim_head,
-            dropout=self.dropout,
-            project_out=True,
-            separate_kv=True,
-            dtype=self.dtype_policy,
-            name=f"attention_{index}",
-        )
+    def make_attention(self, index, **options):
+        return super().make_attention(index, project_out=True, separate_kv=True, **options)
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -185,7 +176,7 @@ class ImageEmbedder(VitkitLayer):
         dict(image_size=24, num_classes=5, sm_dim=12, lg_dim=16, sm_patch_size=4,
              sm_enc_depth=1, sm_enc_heads=2, sm_enc_mlp_dim=20, sm_enc_dim_head=6,
              lg_patch_size=8, lg_enc_depth=2, lg_enc_heads=3, lg_enc_mlp_dim=18,
-             lg_enc_dim_head=5, cross_attn_depth=2, cross_attn_heads=2, cross_attn_dim_head=7,
+             lg_enc_dim_head=5, cross_attn_depth=1, cross_attn_heads=2, cross_attn_dim_head=7,
              depth=2),
         dict(image_size=32, num_classes=3, sm_dim=16, lg_dim=16, sm_patch_size=8,
              sm_enc_depth=2, sm_enc_heads=1, sm_enc_mlp_dim=24, sm_enc_dim_head=16,
@@ -195,8 +186,8 @@ class ImageEmbedder(VitkitLayer):
         dict(image_size=20, num_classes=7, sm_dim=8, lg_dim=20, sm_patch_size=5,
              sm_enc_depth=1, sm_enc_heads=2, sm_enc_mlp_dim=11, sm_enc_dim_head=3,
              lg_patch_size=10, lg_enc_depth=1, lg_enc_heads=1, lg_enc_mlp_dim=13,
-             lg_enc_dim_head=20, cross_attn_depth=3, cross_attn_heads=1, cross_attn_dim_head=9,
-             depth=3, channels=2),
+             lg_enc_dim_head=20, cross_attn_depth=2, cross_attn_heads=1, cross_attn_dim_head=9,
+             depth=1, channels=2),
     ],
     presets={
         # Table 1 of the paper: CrossViT-Ti, -S, -B (r = 4 feed-forward ratio, 3 stages)

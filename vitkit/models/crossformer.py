@@ -14,16 +14,17 @@ from vitkit.layers import (
     WindowAttention,
     ZeroPaddedConv2D,
 )
-from vitkit.layers.utils import check_int, check_rate, smallest_side, to_channels_last
+from vitkit.layers.utils import (
+    check_int,
+    check_rate,
+    per_stage,
+    smallest_side,
+    to_channels_last,
+)
 from vitkit.models.base import VitkitModel
 from vitkit.registry import register_model
 
 DIM_HEAD, MLP_MULT = 32, 4  # fixed in vit-pytorch's CrossFormer
-
-
-def _per_stage(value, stages=4):
-    """vit-pytorch's `cast_tuple`: a tuple (or, from a JSON config, a list) is per stage."""
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * stages
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -198,13 +199,13 @@ class CrossFormerTransformer(VitkitLayer):
     ),
     wrong_size=(10, 8),  # 9 rows pool to the same maps as 8, 10 do not fit the windows
     parity=[
-        dict(dim=(32, 40, 64, 48), depth=(1, 1, 1, 1), global_window_size=(2, 2, 1, 1),
+        dict(dim=(32, 40, 64, 48), depth=(1, 0, 1, 0), global_window_size=(2, 2, 1, 1),
              local_window_size=(2, 2, 2, 1),
              cross_embed_kernel_sizes=((2, 4), (2,), (2, 4, 6), (2, 4)),
              cross_embed_strides=2, num_classes=5),
-        dict(dim=(32, 64, 32, 64), depth=(1, 2, 1, 1), global_window_size=(2, 2, 1, 1),
+        dict(dim=(32, 64, 32, 64), depth=(1, 0, 0, 1), global_window_size=(2, 2, 1, 1),
              local_window_size=(4, 2, 2, 1), num_classes=3, channels=1),
-        dict(dim=33, depth=1, global_window_size=1, local_window_size=3,
+        dict(dim=33, depth=(2, 0, 0, 0), global_window_size=1, local_window_size=3,
              cross_embed_kernel_sizes=((3, 5), (1,), (1, 3), (3,)),
              cross_embed_strides=(1, 1, 1, 1), num_classes=4, channels=2, attn_dropout=0.1,
              ff_dropout=0.2),
@@ -229,9 +230,9 @@ class CrossFormerTransformer(VitkitLayer):
         (dict(num_classes=0), "num_classes"),
     ],
     digits=dict(
-        dim=(32, 64, 96, 128), depth=(1, 1, 1, 1), global_window_size=(2, 2, 1, 1),
-        local_window_size=(2, 2, 2, 1), cross_embed_kernel_sizes=((2, 4), (2, 4), (2,), (2,)),
-        cross_embed_strides=2, num_classes=10, channels=1,
+        dim=(32, 64, 96, 128), depth=(1, 1, 0, 0), global_window_size=(2, 1, 1, 1),
+        local_window_size=(2, 2, 1, 1), cross_embed_kernel_sizes=((2, 4), (2, 4), (1, 3), (1,)),
+        cross_embed_strides=(2, 2, 1, 1), num_classes=10, channels=1,
     ),
 )
 # fmt: on
@@ -306,19 +307,15 @@ class CrossFormer(VitkitModel):
             ("cross_embed_strides", cross_embed_strides),
             ("cross_embed_kernel_sizes", cross_embed_kernel_sizes),
         ):
-            values = _per_stage(value)
-            if len(values) != 4:
-                raise ValueError(
-                    f"{owner}: `{arg}` must be one value or a tuple of 4, one per stage; "
-                    f"got {value!r}."
-                )
-            if arg != "cross_embed_kernel_sizes":
+            values = per_stage(arg, value, 4, owner)
+            if arg == "cross_embed_kernel_sizes":  # a stage's kernel sides: a tuple or one int
+                values = tuple(tuple(k) if isinstance(k, (tuple, list)) else (k,) for k in values)
+            else:
                 minimum = {"dim": DIM_HEAD, "depth": 0}.get(arg, 1)
                 values = tuple(check_int(arg, v, minimum=minimum, owner=owner) for v in values)
             stages[arg] = values
         per_stage_kernels = zip(stages["cross_embed_kernel_sizes"], stages["cross_embed_strides"])
         for kernels, stride in per_stage_kernels:
-            kernels = _per_stage(kernels, 1)
             if not kernels or any(
                 isinstance(k, bool) or not isinstance(k, int) or k < stride for k in kernels
             ):
@@ -327,7 +324,7 @@ class CrossFormer(VitkitModel):
                     f"kernel sides no smaller than its stride ({stride}); got {kernels!r}."
                 )
         for width, kernels in zip(stages["dim"], stages["cross_embed_kernel_sizes"]):
-            scales = len(_per_stage(kernels, 1))
+            scales = len(kernels)
             if width < 2 ** (scales - 1):
                 raise ValueError(
                     f"{owner}: `dim` {width} is too narrow to split among the {scales} "
@@ -340,7 +337,7 @@ class CrossFormer(VitkitModel):
             self.embeddings.append(
                 CrossEmbedLayer(
                     stages["dim"][i],
-                    _per_stage(stages["cross_embed_kernel_sizes"][i], 1),
+                    stages["cross_embed_kernel_sizes"][i],
                     stages["cross_embed_strides"][i],
                     dtype=policy,
                     name=f"cross_embed_{i}",
@@ -359,13 +356,11 @@ class CrossFormer(VitkitModel):
                 )
             )
         self.head = keras.layers.Dense(num_classes, dtype=policy, name="head")
-        try:
-            side = smallest_side(self.accepts_side)
-        except ValueError:
-            raise ValueError(
-                f"{owner}: no image size up to 4096 pixels suits `cross_embed_strides`, "
-                "`local_window_size` and `global_window_size` together."
-            ) from None
+        side = smallest_side(
+            self.accepts_side,
+            owner,
+            "`cross_embed_strides`, `local_window_size` and `global_window_size`",
+        )
         self.image_hw = (side, side)  # the smallest image it takes
 
     def accepts_side(self, side: int) -> bool:

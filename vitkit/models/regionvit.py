@@ -18,27 +18,20 @@ from vitkit.layers import (
     window_partition,
 )
 from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.backend_quirks import GELU
 from vitkit.layers.utils import (
     check_int,
     check_rate,
     patches_to_channels,
+    per_stage,
     smallest_side,
     to_channels_last,
+    zero_pad,
 )
 from vitkit.models.base import VitkitModel
 from vitkit.registry import register_model
 
 HEADS, DIM_HEAD, MLP_MULT = 4, 32, 4  # fixed in vit-pytorch's RegionViT
-
-
-def _per_stage(value, stages=4):
-    """vit-pytorch's `cast_tuple`: a tuple (or, from a JSON config, a list) is per stage."""
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * stages
-
-
-def _halve(side: int) -> int:
-    """Map side after a 3x3 convolution of stride 2 and padding 1."""
-    return ZeroPaddedConv2D.output_side(side, 3, 2, 1)
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -100,7 +93,7 @@ class R2LTransformer(VitkitLayer):
         _, rh, rw, _ = ops.shape(region)
         window = (lh // rh, lw // rw)
         bias = self.local_rel_pos_bias.window_bias(window)  # (heads, n, n)
-        bias = ops.pad(bias, ((0, 0), (1, 0), (1, 0)))  # the regional token: no bias
+        bias = zero_pad(zero_pad(bias, 1, before=1), 2, before=1)  # the regional token: none
         region = ops.reshape(region, (-1, rh * rw, dim))
         for attention, feed_forward in zip(self.attentions, self.feed_forwards):
             region = attention(region, training=training) + region
@@ -166,7 +159,7 @@ class LocalTokenizer(VitkitLayer):
         for i, conv in enumerate(self.convs):
             x = conv(x)
             if i < len(self.norms):
-                x = ops.gelu(self.norms[i](x), approximate=False)
+                x = GELU(self.norms[i](x))
         return x
 
     def vit_pytorch_state_map(self):
@@ -184,14 +177,14 @@ class LocalTokenizer(VitkitLayer):
 # fmt: off
 @register_model(
     tiny=dict(  # every stage has a block: a stage's position bias table exists either way
-        dim=(8, 12, 16, 10), depth=1, window_size=2, num_classes=5,
+        dim=(8, 12, 16, 10), depth=(1, 1, 1, 2), window_size=2, num_classes=5,
         tokenize_local_3_conv=True, use_peg=True,
     ),
     parity=[
-        dict(dim=(8, 12, 16, 10), depth=(1, 1, 1, 1), window_size=2, num_classes=5,
+        dict(dim=(8, 12, 16, 10), depth=(1, 0, 0, 1), window_size=2, num_classes=5,
              tokenize_local_3_conv=True, use_peg=True),
-        dict(dim=(16, 24, 32, 40), depth=(1, 1, 2, 1), window_size=7, num_classes=3),
-        dict(dim=12, depth=2, window_size=3, num_classes=4, use_peg=True, attn_dropout=0.1,
+        dict(dim=(16, 24, 32, 40), depth=(1, 0, 2, 0), window_size=7, num_classes=3),
+        dict(dim=12, depth=1, window_size=3, num_classes=4, use_peg=True, attn_dropout=0.1,
              ff_dropout=0.2),
     ],
     parity_sizes=[(16, 32), (56, 28), (12, 24)],
@@ -214,7 +207,7 @@ class LocalTokenizer(VitkitLayer):
         (dict(num_classes=0), "num_classes"),
     ],
     digits=dict(
-        dim=(32, 64, 96, 128), depth=(1, 1, 1, 1), window_size=2, num_classes=10,
+        dim=(32, 64, 96, 128), depth=(1, 1, 0, 0), window_size=2, num_classes=10,
         tokenize_local_3_conv=True, channels=1,
     ),
 )
@@ -282,15 +275,11 @@ class RegionViT(VitkitModel):
         self.attn_dropout = check_rate("attn_dropout", attn_dropout, owner=owner)
         self.ff_dropout = check_rate("ff_dropout", ff_dropout, owner=owner)
         self.channels = check_int("channels", channels, owner=owner)
-        dims, depths = _per_stage(dim), _per_stage(depth)
-        for arg, values, minimum in (("dim", dims, 1), ("depth", depths, 0)):
-            if len(values) != 4:
-                raise ValueError(
-                    f"{owner}: `{arg}` must be one value or a tuple of 4, one per stage; "
-                    f"got {values!r}."
-                )
-            for value in values:
-                check_int(arg, value, minimum=minimum, owner=owner)
+        dims, depths = per_stage("dim", dim, 4, owner), per_stage("depth", depth, 4, owner)
+        for value in dims:
+            check_int("dim", value, owner=owner)
+        for value in depths:
+            check_int("depth", value, minimum=0, owner=owner)
         self.region_patch_size = local_patch_size * window_size
 
         policy = self.dtype_policy
@@ -316,14 +305,8 @@ class RegionViT(VitkitModel):
             epsilon=LN_EPSILON, dtype=policy, name="head_norm"
         )
         self.head = keras.layers.Dense(num_classes, dtype=policy, name="head")
-        try:
-            side = smallest_side(self.accepts_side)
-        except ValueError:
-            raise ValueError(
-                f"{owner}: no image size up to 4096 pixels suits `window_size` and "
-                "`local_patch_size` together (the local tokens of each region must form a "
-                "window of at most `window_size` a side)."
-            ) from None
+        # the local tokens of each region must form a window of at most `window_size` a side
+        side = smallest_side(self.accepts_side, owner, "`window_size` and `local_patch_size`")
         self.image_hw = (side, side)  # the smallest image it takes
 
     def accepts_side(self, side: int) -> bool:
@@ -335,7 +318,7 @@ class RegionViT(VitkitModel):
         local, region = self.local_encoder.output_side(side), side // self.region_patch_size
         for stage in range(4):
             if stage:
-                local, region = _halve(local), _halve(region)
+                local, region = (ZeroPaddedConv2D.output_side(n, 3, 2, 1) for n in (local, region))
             if local % region or local // region > self.window_size:
                 return False
         return True

@@ -17,19 +17,15 @@ from vitkit.layers import (
     ZeroPaddedConv2D,
 )
 from vitkit.layers.attention import LN_EPSILON
-from vitkit.layers.utils import check_int, check_rate, smallest_side, to_channels_last
+from vitkit.layers.utils import (
+    check_int,
+    check_rate,
+    per_stage,
+    smallest_side,
+    to_channels_last,
+)
 from vitkit.models.base import VitkitModel
 from vitkit.registry import register_model
-
-
-def _per_stage(value, stages):
-    """vit-pytorch's `cast_tuple`: a tuple (or, from a JSON config, a list) is per stage."""
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * stages
-
-
-def _halve(side: int) -> int:
-    """Map side after a 3x3 convolution of stride 2 and padding 1."""
-    return ZeroPaddedConv2D.output_side(side, 3, 2, 1)
 
 
 def _separate_key_value_names(attention) -> dict:
@@ -217,13 +213,13 @@ class ScalableTransformer(VitkitLayer):
         dict(num_classes=5, dim=8, depth=(1, 2), heads=(2, 1), reduction_factor=(2, 1),
              window_size=(4, None), iwsa_dim_key=3, iwsa_dim_value=5, ssa_dim_key=(6, 4),
              ssa_dim_value=7, ff_expansion_factor=2),
-        dict(num_classes=3, dim=8, depth=(1, 1, 2, 1), heads=(1, 2, 2, 4),
+        dict(num_classes=3, dim=8, depth=(0, 1, 1, 0), heads=(1, 2, 2, 4),
              ssa_dim_key=(10, 10, 10, 8), reduction_factor=(4, 2, 2, 1),
              window_size=(4, 2, None, None), iwsa_dim_key=6, iwsa_dim_value=6, ssa_dim_value=6),
         dict(num_classes=4, dim=6, depth=(2,), heads=2, reduction_factor=1, channels=1,
              iwsa_dim_key=5, iwsa_dim_value=3, ssa_dim_key=4, ssa_dim_value=9, dropout=0.1),
     ],
-    parity_sizes=[(32, 16), (64, 64), (12, 20)],
+    parity_sizes=[(32, 16), (32, 64), (12, 20)],
     presets={
         # ScalableViT-S, as in vit-tensorflow's README
         "scalable_vit_small": dict(
@@ -328,21 +324,16 @@ class ScalableViT(VitkitModel):
         self.channels = check_int("channels", channels, owner=owner)
         self.dropout = check_rate("dropout", dropout, owner=owner)
 
-        per_stage = {}
+        stage_values = {}
         for arg in ("heads", "reduction_factor", "window_size", "iwsa_dim_key",
                     "iwsa_dim_value", "ssa_dim_key", "ssa_dim_value"):
-            values = _per_stage(getattr(self, arg), stages)
-            if len(values) != stages:
-                raise ValueError(
-                    f"{owner}: `{arg}` must be one value or a tuple of {stages}, one per stage "
-                    f"(as many as `depth` has); got {getattr(self, arg)!r}."
-                )
-            per_stage[arg] = tuple(
+            values = per_stage(arg, getattr(self, arg), stages, owner, counted_by="depth")
+            stage_values[arg] = tuple(
                 None if v is None and arg == "window_size" else check_int(arg, v, owner=owner)
                 for v in values
             )
-        self.stage_windows = per_stage["window_size"]
-        self.stage_reductions = per_stage["reduction_factor"]
+        self.stage_windows = stage_values["window_size"]
+        self.stage_reductions = stage_values["reduction_factor"]
 
         policy = self.dtype_policy
         self.to_patches = ZeroPaddedConv2D(dim, 7, 4, 3, dtype=policy, name="to_patches")
@@ -353,15 +344,15 @@ class ScalableViT(VitkitModel):
                 ScalableTransformer(
                     width,
                     depths[i],
-                    heads=per_stage["heads"][i],
+                    heads=stage_values["heads"][i],
                     ff_expansion_factor=ff_expansion_factor,
                     dropout=dropout,
-                    ssa_dim_key=per_stage["ssa_dim_key"][i],
-                    ssa_dim_value=per_stage["ssa_dim_value"][i],
-                    ssa_reduction_factor=per_stage["reduction_factor"][i],
-                    iwsa_dim_key=per_stage["iwsa_dim_key"][i],
-                    iwsa_dim_value=per_stage["iwsa_dim_value"][i],
-                    iwsa_window_size=per_stage["window_size"][i],
+                    ssa_dim_key=stage_values["ssa_dim_key"][i],
+                    ssa_dim_value=stage_values["ssa_dim_value"][i],
+                    ssa_reduction_factor=stage_values["reduction_factor"][i],
+                    iwsa_dim_key=stage_values["iwsa_dim_key"][i],
+                    iwsa_dim_value=stage_values["iwsa_dim_value"][i],
+                    iwsa_window_size=stage_values["window_size"][i],
                     norm_output=not last,
                     dtype=policy,
                     name=f"transformer_{i}",
@@ -375,13 +366,7 @@ class ScalableViT(VitkitModel):
             epsilon=LN_EPSILON, dtype=policy, name="head_norm"
         )
         self.head = keras.layers.Dense(num_classes, dtype=policy, name="head")
-        try:
-            side = smallest_side(self.accepts_side)
-        except ValueError:
-            raise ValueError(
-                f"{owner}: no image size up to 4096 pixels suits `window_size` and "
-                "`reduction_factor` together."
-            ) from None
+        side = smallest_side(self.accepts_side, owner, "`window_size` and `reduction_factor`")
         self.image_hw = (side, side)  # the smallest image it takes
 
     def accepts_side(self, side: int) -> bool:
@@ -390,7 +375,7 @@ class ScalableViT(VitkitModel):
         side = ZeroPaddedConv2D.output_side(side, 7, 4, 3)
         for i, (window, reduction) in enumerate(zip(self.stage_windows, self.stage_reductions)):
             if i:
-                side = _halve(side)
+                side = ZeroPaddedConv2D.output_side(side, 3, 2, 1)
             if side < reduction or (window is not None and side % window):
                 return False
         return True

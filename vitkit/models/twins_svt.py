@@ -177,21 +177,21 @@ class TwinsTransformer(VitkitLayer):
     ),
     parity=[
         dict(num_classes=5,
-             s1_emb_dim=8, s1_patch_size=2, s1_local_patch_size=2, s1_global_k=2, s1_depth=1,
+             s1_emb_dim=8, s1_patch_size=2, s1_local_patch_size=2, s1_global_k=2, s1_depth=0,
              s2_emb_dim=12, s2_patch_size=2, s2_local_patch_size=2, s2_global_k=2, s2_depth=2,
-             s3_emb_dim=10, s3_patch_size=2, s3_local_patch_size=2, s3_global_k=1, s3_depth=1,
+             s3_emb_dim=10, s3_patch_size=2, s3_local_patch_size=2, s3_global_k=1, s3_depth=0,
              s4_emb_dim=14, s4_patch_size=2, s4_global_k=1, s4_depth=1),
         dict(num_classes=3,
              s1_emb_dim=6, s1_patch_size=4, s1_local_patch_size=3, s1_global_k=3, s1_depth=1,
-             s2_emb_dim=10, s2_patch_size=2, s2_local_patch_size=3, s2_global_k=3, s2_depth=1,
-             s3_emb_dim=12, s3_patch_size=2, s3_local_patch_size=3, s3_global_k=2, s3_depth=2,
-             s4_emb_dim=16, s4_patch_size=1, s4_local_patch_size=5, s4_global_k=3, s4_depth=1,
+             s2_emb_dim=10, s2_patch_size=2, s2_local_patch_size=3, s2_global_k=3, s2_depth=0,
+             s3_emb_dim=12, s3_patch_size=2, s3_local_patch_size=3, s3_global_k=2, s3_depth=0,
+             s4_emb_dim=16, s4_patch_size=1, s4_local_patch_size=5, s4_global_k=3, s4_depth=0,
              peg_kernel_size=5, dropout=0.1),
         dict(num_classes=7,  # global_k that does not divide the map: the pooling drops a row
-             s1_emb_dim=9, s1_patch_size=2, s1_local_patch_size=4, s1_global_k=3, s1_depth=2,
-             s2_emb_dim=7, s2_patch_size=2, s2_local_patch_size=2, s2_global_k=3, s2_depth=1,
+             s1_emb_dim=9, s1_patch_size=2, s1_local_patch_size=4, s1_global_k=3, s1_depth=0,
+             s2_emb_dim=7, s2_patch_size=2, s2_local_patch_size=2, s2_global_k=3, s2_depth=0,
              s3_emb_dim=11, s3_patch_size=1, s3_local_patch_size=1, s3_global_k=1, s3_depth=1,
-             s4_emb_dim=13, s4_patch_size=2, s4_global_k=2, s4_depth=1, peg_kernel_size=1),
+             s4_emb_dim=13, s4_patch_size=2, s4_global_k=2, s4_depth=0, peg_kernel_size=1),
     ],
     parity_sizes=[(32, 16), (48, 96), (16, 32)],
     invalid=[
@@ -205,10 +205,10 @@ class TwinsTransformer(VitkitLayer):
     ],
     digits=dict(
         num_classes=10,
-        s1_emb_dim=32, s1_patch_size=2, s1_local_patch_size=2, s1_global_k=2, s1_depth=1,
-        s2_emb_dim=64, s2_patch_size=2, s2_local_patch_size=2, s2_global_k=2, s2_depth=1,
-        s3_emb_dim=96, s3_patch_size=2, s3_local_patch_size=2, s3_global_k=1, s3_depth=1,
-        s4_emb_dim=128, s4_patch_size=2, s4_global_k=1, s4_depth=1,
+        s1_emb_dim=32, s1_patch_size=2, s1_local_patch_size=2, s1_global_k=2, s1_depth=0,
+        s2_emb_dim=64, s2_patch_size=2, s2_local_patch_size=2, s2_global_k=2, s2_depth=0,
+        s3_emb_dim=96, s3_patch_size=2, s3_local_patch_size=1, s3_global_k=1, s3_depth=0,
+        s4_emb_dim=128, s4_patch_size=1, s4_global_k=1, s4_depth=0,
     ),
 )
 # fmt: on
@@ -296,13 +296,9 @@ class TwinsSVT(VitkitModel):
             )
         self.dropout = check_rate("dropout", dropout, owner=owner)
         self.channels = 3
-        try:
-            side = smallest_side(self.accepts_side)
-        except ValueError:
-            raise ValueError(
-                f"{owner}: no image size up to 4096 pixels suits `sN_patch_size`, "
-                "`sN_local_patch_size` and `sN_global_k` together."
-            ) from None
+        side = smallest_side(
+            self.accepts_side, owner, "`sN_patch_size`, `sN_local_patch_size` and `sN_global_k`"
+        )
         self.image_hw = (side, side)  # the smallest image it takes
 
         policy = self.dtype_policy
