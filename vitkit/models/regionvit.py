@@ -176,7 +176,9 @@ class LocalTokenizer(VitkitLayer):
 
 # fmt: off
 @register_model(
-    tiny=dict(  # every stage has a block: a stage's position bias table exists either way
+    # Every stage has a block (its position bias table exists either way), the last two: the
+    # bias acts on local tokens only, which reach the logits through a later block alone.
+    tiny=dict(
         dim=(8, 12, 16, 10), depth=(1, 1, 1, 2), window_size=2, num_classes=5,
         tokenize_local_3_conv=True, use_peg=True,
     ),
