@@ -79,13 +79,14 @@ def reference_class(spec):
 
 
 def randomize_torch(module, seed=0, scale=0.3):
-    """Every parameter and floating buffer drawn at random (no default init survives);
-    running variances stay positive."""
+    """Every entry of the state dict (parameters and persistent buffers) drawn at random (no
+    default init survives); running variances stay positive. Non-persistent buffers are no
+    state (index tables the module computes from its config) and stay as they are."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        for name, tensor in module.state_dict(keep_vars=True).items():
             if not tensor.is_floating_point():
                 tensor.copy_(torch.randint(0, 10, tensor.shape, generator=g))
             elif "running_var" in name:
@@ -140,30 +141,58 @@ def compiled_forward(model, x, training=False, **kwargs):
     """The model's forward pass compiled: XLA on JAX and TensorFlow, torch.compile on torch.
     `training=True` compiles the training-mode pass (random ops included); `kwargs` go to the
     call, as constants."""
+    results, _ = compiled_forward_batches(model, [x], training=training, **kwargs)
+    return results[0]
+
+
+def compiled_forward_batches(model, batches, training=False, **kwargs):
+    """The forward pass traced once, with the batch dimension unknown, and run on each batch
+    in turn: (outputs per batch, number of traces). JAX traces a shape-polymorphic export
+    (a symbolic batch size, as `jax2tf` and Keras' exporter do), TensorFlow an `XLA` function
+    with an input signature (what `reduce_retracing` settles on after two sizes), torch a
+    graph with the batch dimension marked dynamic."""
+    traces = []
     if BACKEND == "jax":
         import jax
 
         tv = [v.value for v in model.trainable_variables]
         ntv = [v.value for v in model.non_trainable_variables]
-        fn = jax.jit(
-            lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=training, **kwargs)[0]
-        )
-        return fn(tv, ntv, x)
+
+        def forward(tv, ntv, x):
+            traces.append(x.shape)
+            return model.stateless_call(tv, ntv, x, training=training, **kwargs)[0]
+
+        (batch,) = jax.export.symbolic_shape("batch")
+        spec = jax.ShapeDtypeStruct((batch, *batches[0].shape[1:]), "float32")
+        shaped = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in (*tv, *ntv)]
+        exported = jax.export.export(jax.jit(forward))(shaped[: len(tv)], shaped[len(tv) :], spec)
+        return [exported.call(tv, ntv, x) for x in batches], len(traces)
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(lambda x: model(x, training=training, **kwargs), jit_compile=True)(x)
-    import torch
+        spec = tf.TensorSpec((None, *batches[0].shape[1:]), "float32")
 
-    # aot_eager: dynamo capture + AOT autograd tracing, without a C++ toolchain. In training,
+        @tf.function(jit_compile=True, input_signature=[spec])
+        def forward(x):
+            traces.append(x.shape)
+            return model(x, training=training, **kwargs)
+
+        return [forward(x) for x in batches], len(traces)
+    import torch
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    # aot_eager: dynamo capture + AOT autograd tracing, without a C++ toolchain. The batch
+    # dimension is marked dynamic, so a second batch size reuses the first graph. In training,
     # Keras' torch seed generator is `torch.compiler.disable`d (Keras 3.15): random ops break
     # the graph there, so only the inference pass is held to fullgraph.
+    counter = CompileCounterWithBackend("aot_eager")
     fn = torch.compile(
-        lambda x: model(x, training=training, **kwargs),
-        backend="aot_eager",
-        fullgraph=not training,
+        lambda x: model(x, training=training, **kwargs), backend=counter, fullgraph=not training
     )
-    return fn(torch.as_tensor(x))
+    tensors = [torch.as_tensor(x) for x in batches]
+    if len(tensors) > 1:
+        torch._dynamo.mark_dynamic(tensors[0], 0)
+    return [fn(x) for x in tensors], counter.frame_count
 
 
 def template_task(model, classes, samples=96, seed=0):

@@ -8,9 +8,10 @@ import pytest
 
 import vitkit
 from backends_tests.helpers import BACKEND, as_numpy, random_images
+from vitkit.exporting import FORMATS
 
 MODELS = vitkit.list_models()
-CASES = [(name, fmt) for name in MODELS for fmt in vitkit.exporting.FORMATS]
+CASES = [(name, fmt) for name in MODELS for fmt in FORMATS]
 
 
 def tiny(name):

@@ -49,6 +49,18 @@ LAYERS = [
     ),
     (layers.MaxPool, dict(pool_size=3, strides=2, padding=1), (2, 6, 5, 3)),
     (layers.DropPath, dict(rate=0.3), (2, 7, 12)),
+    (
+        layers.Attention,
+        dict(dim=12, heads=2, dim_head=4, dim_value=5, separate_kv=True, output_dropout=0.1),
+        (2, 7, 12),
+    ),
+    (layers.FeedForward, dict(dim=12, hidden_dim=17, output_dropout=0.0), (2, 7, 12)),
+    (layers.WindowAttention, dict(dim=6, window_size=(2, 3), heads=2, dim_head=4), (2, 4, 6, 6)),
+    (layers.WindowAttention, dict(dim=6, window_size=2, dilated=True, dim_value=3), (2, 4, 6, 6)),
+    (layers.SpatialReductionAttention, dict(dim=6, reduction=2, heads=3, dim_head=2), (2, 5, 4, 6)),
+    (layers.PEG, dict(kernel_size=3), (2, 5, 4, 6)),
+    (layers.ZeroPaddedConv2D, dict(filters=5, kernel_size=3, strides=2, padding=1), (2, 5, 4, 6)),
+    (layers.DynamicPositionBias, dict(dim=6, depth=2), (9, 2)),
 ]
 
 
@@ -216,6 +228,85 @@ def test_reshaped_variables_map_from_the_reference_layout():
     values = np.arange(5, dtype="float32").reshape(1, 5, 1, 1)
     targets["g"].variable.assign(targets["g"].to_keras(values))
     np.testing.assert_array_equal(as_numpy(norm.gamma), np.arange(5))
+
+
+@pytest.mark.parametrize("dilated", [False, True])
+def test_window_partition_matches_the_reference_rearranges(dilated):
+    """Contiguous windows are `b (h s1) (w s2) d -> (b h w) (s1 s2) d`; dilated ones
+    `b (s1 h) (s2 w) d -> (b h w) (s1 s2) d` (CrossFormer's short and long distance)."""
+    from einops import rearrange
+
+    x = np.random.default_rng(0).normal(size=(2, 6, 8, 3)).astype("float32")
+    pattern = "b (s1 h) (s2 w) d" if dilated else "b (h s1) (w s2) d"
+    expected = rearrange(x, f"{pattern} -> (b h w) (s1 s2) d", s1=3, s2=2)
+    windows = layers.window_partition(x, (3, 2), dilated=dilated)
+    np.testing.assert_array_equal(as_numpy(windows), expected)
+    back = layers.window_merge(windows, (6, 8), (3, 2), dilated=dilated)
+    np.testing.assert_array_equal(as_numpy(back), x)
+
+
+def test_relative_position_indices_match_vit_pytorch():
+    from vit_pytorch.crossformer import Attention as CrossFormerAttention
+
+    for w in (1, 2, 3):
+        expected = CrossFormerAttention(32, "short", w).rel_pos_indices.numpy()
+        got = layers.relative_position_index((w, w), w - 1, (2 * w - 1, 1))
+        np.testing.assert_array_equal(as_numpy(got), expected)
+
+
+def test_relative_position_bias_reads_the_table_in_either_order():
+    bias = layers.RelativePositionBias(3, heads=2, dy_major=False)
+    bias.build()
+    table = np.arange(25 * 2, dtype="float32").reshape(25, 2)
+    bias.table.assign(table)
+    got = as_numpy(bias.window_bias((2, 3)))  # (heads, 6, 6)
+    # token 5 is (1, 2), token 0 is (0, 0): offset (dy, dx) = (1, 2) -> row (1 + 2) + (2 + 2) * 5
+    assert got.shape == (2, 6, 6)
+    np.testing.assert_array_equal(got[:, 5, 0], table[3 + 4 * 5])
+    with pytest.raises(ValueError, match="larger"):
+        bias.window_bias((4, 1))
+
+
+def test_pointwise_and_output_slices_map_from_torch_convolutions():
+    """A Dense layer loads a 1x1 Conv2d (`Pointwise`), and two torch layers fill the two
+    halves of one of ours (`OutputSlice`), through `from_vit_pytorch`."""
+    from vitkit.convert import OutputSlice, Pointwise, from_vit_pytorch
+
+    to_k = randomize_torch(torch.nn.Conv2d(4, 3, 1, bias=False))
+    to_v = randomize_torch(torch.nn.Conv2d(4, 5, 1, bias=False), seed=1)
+    ours = keras.layers.Dense(8, use_bias=False)
+    ours.build((None, 4))
+
+    class Block:  # anything with a state map loads
+        def vit_pytorch_state_map(self):
+            return {
+                "to_k": OutputSlice(Pointwise(ours), 0, 3),
+                "to_v": OutputSlice(Pointwise(ours), 3, 8),
+            }
+
+    targets = flatten(Block().vit_pytorch_state_map())
+    assert targets["to_k.weight"].torch_shape == (3, 4, 1, 1)
+    assert targets["to_v.weight"].torch_shape == (5, 4, 1, 1)
+    from_vit_pytorch(Block(), {"to_k.weight": to_k.weight, "to_v.weight": to_v.weight})
+    x = np.random.default_rng(0).normal(size=(2, 4, 5, 6)).astype("float32")
+    with torch.no_grad():
+        expected = torch.cat([to_k(torch.from_numpy(x)), to_v(torch.from_numpy(x))], 1)
+    got = as_numpy(ours(x.transpose(0, 2, 3, 1)))
+    assert rel_err(got, expected.numpy().transpose(0, 2, 3, 1)) < 1e-6
+
+
+def test_zero_padded_conv_matches_torch_padding():
+    ref = randomize_torch(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1))
+    ours = layers.ZeroPaddedConv2D(4, 3, strides=2, padding=1)
+    ours.build((None, 7, 6, 3))
+    _load(ours.conv, ref)
+    x = np.random.default_rng(0).normal(size=(2, 3, 7, 6)).astype("float32")
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+    got = as_numpy(ours(x.transpose(0, 2, 3, 1)))
+    assert got.shape == expected.shape == (2, 4, 3, 4)
+    assert tuple(ours.compute_output_shape((2, 7, 6, 3))) == (2, 4, 3, 4)
+    assert rel_err(got, expected) < 1e-5
 
 
 @pytest.mark.parametrize("fusable", [True, False])

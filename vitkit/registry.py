@@ -35,6 +35,9 @@ class ModelSpec:
             for the default, one row more than the tiny model's images.
         any_size: the model takes images of every size (CvT); the tests then check that one
             row more than the tiny model's images runs, instead of expecting an error.
+        parity_sizes: `(height, width)` of the parity test's images, one per `parity`
+            configuration, for architectures whose constructor takes no `image_size`
+            (default: the model's `image_hw`).
         export_gaps: `{format: reason}` for export formats this architecture cannot reach.
     """
 
@@ -49,6 +52,7 @@ class ModelSpec:
     input_size: tuple | None = None
     invalid_size: tuple | None = None
     any_size: bool = False
+    parity_sizes: tuple = ()
     export_gaps: dict = field(default_factory=dict)
 
 
@@ -69,12 +73,15 @@ def register_model(
     input_size: tuple | None = None,
     invalid_size: tuple | None = None,
     any_size: bool = False,
+    parity_sizes=(),
     export_gaps: dict | None = None,
 ):
     """Class decorator that registers an architecture under its module's name."""
 
     def decorate(cls):
         arch = name or cls.__module__.rsplit(".", 1)[-1]
+        if parity_sizes and len(parity_sizes) != len(parity):
+            raise ValueError(f"{arch}: give one of `parity_sizes` per `parity` configuration")
         if arch in _MODELS and _MODELS[arch].cls is not cls:
             raise ValueError(f"architecture {arch!r} is registered twice")
         # Keras finds a class by "package>Name" when loading: two classes under one name
@@ -98,6 +105,7 @@ def register_model(
             input_size=tuple(input_size) if input_size is not None else None,
             invalid_size=tuple(invalid_size) if invalid_size is not None else None,
             any_size=any_size,
+            parity_sizes=tuple(tuple(size) for size in parity_sizes),
             export_gaps=dict(export_gaps or {}),
         )
         _MODELS[arch] = spec

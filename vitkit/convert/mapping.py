@@ -1,7 +1,8 @@
 """How a vit-pytorch state dict maps onto a vitkit model's weights.
 
 Every model declares `vit_pytorch_state_map()`: a nested dict from vit-pytorch module names to
-our layers, variables, or further dicts. `flatten` turns that into one entry per state-dict key
+our layers, variables, or further dicts (a block whose weights are exactly one inner layer's may
+return that layer instead of a dict). `flatten` turns that into one entry per state-dict key
 with the shape the reference stores and the transform into our layout.
 """
 
@@ -19,6 +20,15 @@ import numpy as np
 class Empty:
     """A reference key that holds an empty tensor of `shape` and has no counterpart here
     (vit-pytorch's `(0, dim)` class token when `pool="mean"`)."""
+
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A reference key of `shape` whose value cannot change any output, so nothing here holds
+    it: e.g. the output bias of CrossFormer's dynamic position bias, one constant added to
+    every score that a softmax then cancels (it has no gradient either)."""
 
     shape: tuple
 
@@ -43,14 +53,34 @@ class Transformed:
     to_keras: Callable[[np.ndarray], np.ndarray]
 
 
+class Pointwise:
+    """A Dense layer that the reference writes as a 1x1 `nn.Conv2d` over feature maps
+    (weight `(out, in, 1, 1)`): the same map, applied to the channels of every pixel."""
+
+    layer: object
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """Output units `[start, stop)` of one of our layers (Dense, convolution, `Pointwise`)
+    that the reference keeps as a layer of its own, e.g. its separate `to_k` and `to_v` where
+    we project keys and values at once."""
+
+    layer: object
+    start: int
+    stop: int
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where one state-dict entry goes: `variable` (None for `Empty`), the shape vit-pytorch
-    stores, and the transform from that layout to ours."""
+    """Where one state-dict entry goes: `variable` (None for `Empty` and `Ignored`), the shape
+    vit-pytorch stores, the transform from that layout to ours, and `part`: `(start, stop)` on
+    the last axis of `variable` when the entry fills only that slice of it."""
 
     variable: object
     torch_shape: tuple
     to_keras: Callable[[np.ndarray], np.ndarray]
+    part: tuple | None = None
 
 
 def _same(array):
@@ -69,6 +99,10 @@ def _conv_kernel(
     array,
 ):  # torch Conv2d (out, in / groups, kh, kw) -> Keras (kh, kw, in / groups, out)
     return array.transpose(2, 3, 1, 0)
+
+
+def _pointwise_kernel(array):  # torch 1x1 Conv2d (out, in, 1, 1) -> Dense kernel (in, out)
+    return array[:, :, 0, 0].T
 
 
 def _conv1d_kernel(array):  # torch Conv1d (out, in / groups, k) -> Keras (k, in / groups, out)
@@ -176,6 +210,32 @@ def _leaves(layer) -> dict[str, tuple]:
     )
 
 
+def channel_layer_norm(layer) -> dict:
+    """vit-pytorch's channel LayerNorm over (b, c, h, w) maps (gain `g`, bias `b`, both
+    `(1, C, 1, 1)`): our LayerNormalization over the last axis of (b, h, w, c) maps."""
+    channels = tuple(layer.gamma.shape)[0]
+    shape = (1, channels, 1, 1)
+    return {"g": Reshaped(layer.gamma, shape), "b": Reshaped(layer.beta, shape)}
+
+
+def feature_map_names(names):
+    """A state map for blocks that vit-pytorch writes over (b, c, h, w) feature maps and we
+    over tokens or channels-last maps: each Dense layer is its 1x1 convolution (`Pointwise`),
+    each LayerNormalization its channel LayerNorm (`g`, `b`). Other entries stay as they are;
+    dicts, `OutputSlice`s and blocks with a state map of their own are converted inside."""
+    if isinstance(names, dict):
+        return {key: feature_map_names(value) for key, value in names.items()}
+    if isinstance(names, OutputSlice):
+        return OutputSlice(feature_map_names(names.layer), names.start, names.stop)
+    if isinstance(names, keras.layers.Dense):
+        return Pointwise(names)
+    if isinstance(names, keras.layers.LayerNormalization):
+        return channel_layer_norm(names)
+    if isinstance(names, keras.layers.Layer) and hasattr(names, "vit_pytorch_state_map"):
+        return feature_map_names(names.vit_pytorch_state_map())
+    return names
+
+
 def flatten(names: dict, prefix: str = "") -> dict[str, Target]:
     """`{"transformer": {"norm": <LayerNorm>}}` -> `{"transformer.norm.weight": Target, ...}`."""
     flat: dict[str, Target] = {}
@@ -183,7 +243,7 @@ def flatten(names: dict, prefix: str = "") -> dict[str, Target]:
         path = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, path + "."))
-        elif isinstance(value, Empty):
+        elif isinstance(value, (Empty, Ignored)):
             flat[path] = Target(None, tuple(value.shape), _same)
         elif isinstance(value, Transformed):
             flat[path] = Target(value.variable, tuple(value.shape), value.to_keras)
@@ -192,8 +252,20 @@ def flatten(names: dict, prefix: str = "") -> dict[str, Target]:
             flat[path] = Target(value.variable, tuple(value.shape), partial(_reshape, shape=shape))
         elif isinstance(value, keras.Variable):
             flat[path] = Target(value, tuple(value.shape), _same)
+        elif isinstance(value, Pointwise):
+            for leaf, (variable, transform, shape) in _leaves(value.layer).items():
+                if leaf == "weight":
+                    transform, shape = _pointwise_kernel, (*shape, 1, 1)
+                flat[f"{path}.{leaf}"] = Target(variable, shape, transform)
+        elif isinstance(value, OutputSlice):
+            # torch keeps output units on the first axis of weights and biases, we on the last
+            width = value.stop - value.start
+            for name, t in flatten({key: value.layer}, prefix).items():
+                shape = (width, *t.torch_shape[1:])
+                flat[name] = Target(t.variable, shape, t.to_keras, (value.start, value.stop))
         elif hasattr(value, "vit_pytorch_state_map"):
-            flat.update(flatten(value.vit_pytorch_state_map(), path + "."))
+            # a dict of names, or one entry that stands for the whole block (a wrapped layer)
+            flat.update(flatten({key: value.vit_pytorch_state_map()}, prefix))
         elif isinstance(value, keras.layers.Layer):
             for leaf, (variable, transform, shape) in _leaves(value).items():
                 flat[f"{path}.{leaf}"] = Target(variable, shape, transform)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import keras
 import numpy as np
 
 from vitkit.convert.mapping import flatten
@@ -74,5 +75,9 @@ def from_vit_pytorch(model, state_dict):
     for key, target in targets.items():
         if target.variable is not None:
             value = target.to_keras(arrays[key]).astype(target.variable.dtype)
+            if target.part is not None:  # one slice of a variable that several entries fill
+                full = np.array(keras.ops.convert_to_numpy(target.variable))
+                full[..., target.part[0] : target.part[1]] = value
+                value = full
             target.variable.assign(value)
     return model

@@ -4,10 +4,12 @@ from vitkit.layers.attention import Attention
 from vitkit.layers.attention_variants import LocalitySelfAttention, TalkingHeadsAttention, mix_heads
 from vitkit.layers.base import ConfigMixin, VitkitLayer
 from vitkit.layers.conv import (
+    PEG,
     ChannelLayerNorm,
     ConvNormAct,
     ConvStem,
     MaxPool,
+    ZeroPaddedConv2D,
     map_to_tokens,
     tokens_to_map,
 )
@@ -22,9 +24,21 @@ from vitkit.layers.embedding import (
 )
 from vitkit.layers.feed_forward import FeedForward
 from vitkit.layers.layer_scale import LayerScale, layer_scale_init
+from vitkit.layers.position_bias import (
+    DynamicPositionBias,
+    RelativePositionBias,
+    relative_position_index,
+)
 from vitkit.layers.transformer import Transformer
+from vitkit.layers.windows import (
+    SpatialReductionAttention,
+    WindowAttention,
+    window_merge,
+    window_partition,
+)
 
 __all__ = [
+    "PEG",
     "Attention",
     "ChannelLayerNorm",
     "ClassToken",
@@ -32,20 +46,28 @@ __all__ = [
     "ConvNormAct",
     "ConvStem",
     "DropPath",
+    "DynamicPositionBias",
     "FeedForward",
     "LayerScale",
     "LearnedPositionEmbedding",
     "LocalitySelfAttention",
     "MaxPool",
     "PatchEmbedding",
+    "RelativePositionBias",
     "SinCosPositionEmbedding2D",
+    "SpatialReductionAttention",
     "TalkingHeadsAttention",
     "TokenPool",
     "Transformer",
     "VitkitLayer",
+    "WindowAttention",
+    "ZeroPaddedConv2D",
     "layer_scale_init",
     "map_to_tokens",
     "mix_heads",
+    "relative_position_index",
     "sincos_2d_table",
     "tokens_to_map",
+    "window_merge",
+    "window_partition",
 ]

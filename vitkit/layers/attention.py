@@ -8,7 +8,7 @@ from keras import ops
 
 from vitkit.layers.backend_quirks import FLASH_ATTENTION
 from vitkit.layers.base import VitkitLayer
-from vitkit.layers.utils import optional, rate
+from vitkit.layers.utils import integer, optional, rate
 
 LN_EPSILON = 1e-5  # torch.nn.LayerNorm's default, so numbers match vit-pytorch
 # Score of a masked key: vit-pytorch fills with -finfo(float32).max, so a row with every key
@@ -45,6 +45,11 @@ class Attention(VitkitLayer):
     and values come from the normed `x` followed by the (un-normed) `context` tokens, as in
     CaiT's class attention and CrossViT's cross attention.
 
+    `call(x, bias=...)` adds an attention bias (relative or dynamic position biases),
+    broadcastable to `(b, heads, n_q, n_k)`, to the scaled scores before the softmax; the
+    fused kernel takes it too. Subclasses may build their projections differently (a strided
+    convolution for the keys and values, say) by overriding `make_projection`.
+
     Args:
         dim: token width.
         heads: number of attention heads.
@@ -57,11 +62,15 @@ class Attention(VitkitLayer):
         norm: whether to LayerNorm the input first (pre-norm).
         separate_kv: separate query and key/value projections; required for `context`.
         attention_dropout: dropout on the attention weights alone, if it differs from
-            `dropout` (which then applies to the output projection only); `None` uses `dropout`.
+            `dropout`; `None` uses `dropout`.
+        dim_value: width of each value head (Keras' `value_dim`); `None` is `dim_head`.
+        output_dropout: dropout on the output projection alone, if it differs from `dropout`;
+            `None` uses `dropout`.
 
     Subclasses with other projections (convolutional, batch-normed, ...) override
-    `make_projections` and `build_projections` (which create and build `to_qkv`, or `to_q` and
-    `to_kv`) together with `queries_keys_values`.
+    `make_projection(name, units)` (one Dense layer by default), or `make_projections` and
+    `build_projections` (which create and build `to_qkv`, or `to_q` and `to_kv`) together
+    with `queries_keys_values`.
     """
 
     fusable = True
@@ -78,16 +87,25 @@ class Attention(VitkitLayer):
         norm=True,
         separate_kv=False,
         attention_dropout=None,
+        dim_value=None,
+        output_dropout=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.keep_args(locals(), attention_dropout=optional(rate))
+        self.keep_args(
+            locals(),
+            attention_dropout=optional(rate),
+            dim_value=optional(integer()),
+            output_dropout=optional(rate),
+        )
         attention_rate = self.dropout if attention_dropout is None else self.attention_dropout
 
-        self.inner_dim = heads * dim_head
+        self.inner_dim = heads * dim_head  # queries and keys
+        self.value_dim_head = dim_head if dim_value is None else dim_value
+        self.value_dim = heads * self.value_dim_head
         self.scale = dim_head**-0.5
         self.projects_out = (
-            not (heads == 1 and dim_head == dim) if project_out is None else bool(project_out)
+            not (heads == 1 and self.value_dim == dim) if project_out is None else bool(project_out)
         )
         policy = self.dtype_policy
         self.norm_layer = layer_norm("norm", policy, norm)
@@ -98,20 +116,22 @@ class Attention(VitkitLayer):
             if self.projects_out
             else None
         )
-        self.out_dropout = keras.layers.Dropout(dropout, dtype=policy)
+        self.out_dropout = keras.layers.Dropout(
+            dropout if output_dropout is None else output_dropout, dtype=policy
+        )
+
+    def make_projection(self, name, units):
+        """The layer that computes `name` (`"to_qkv"`, `"to_q"` or `"to_kv"`) with `units`
+        outputs: a Dense layer; variants may return a convolution."""
+        return keras.layers.Dense(units, use_bias=self.qkv_bias, dtype=self.dtype_policy, name=name)
 
     def make_projections(self):
         """Create the input projections: `to_qkv`, or `to_q` and `to_kv`."""
-        policy, bias = self.dtype_policy, self.qkv_bias
         if self.separate_kv:
-            self.to_q = keras.layers.Dense(self.inner_dim, use_bias=bias, dtype=policy, name="to_q")
-            self.to_kv = keras.layers.Dense(
-                2 * self.inner_dim, use_bias=bias, dtype=policy, name="to_kv"
-            )
+            self.to_q = self.make_projection("to_q", self.inner_dim)
+            self.to_kv = self.make_projection("to_kv", self.inner_dim + self.value_dim)
         else:
-            self.to_qkv = keras.layers.Dense(
-                3 * self.inner_dim, use_bias=bias, dtype=policy, name="to_qkv"
-            )
+            self.to_qkv = self.make_projection("to_qkv", 2 * self.inner_dim + self.value_dim)
 
     def build_projections(self, input_shape):
         if self.separate_kv:
@@ -125,24 +145,36 @@ class Attention(VitkitLayer):
             self.norm_layer.build(input_shape)
         self.build_projections(input_shape)
         if self.to_out is not None:
-            self.to_out.build((*input_shape[:-1], self.inner_dim))
+            self.to_out.build((*input_shape[:-1], self.value_dim))
 
     # The pieces, in the paper's order ------------------------------------------------------
 
-    def split_heads(self, x, parts):
+    def split_heads(self, x, parts, dim_head=None):
         """(b, n, parts * h * d) -> `parts` tensors (b, n, h, d), dot_product_attention's layout."""
-        x = ops.reshape(x, (-1, ops.shape(x)[1], parts, self.heads, self.dim_head))
+        d = self.dim_head if dim_head is None else dim_head
+        x = ops.reshape(x, (-1, ops.shape(x)[1], parts, self.heads, d))
         return [x[:, :, i] for i in range(parts)]
+
+    def split_with_values(self, x, parts):
+        """(b, n, (parts - 1) * h * d + h * d_v) -> `parts` tensors (b, n, h, .): queries
+        and/or keys first, values last (their heads may be `dim_value` wide)."""
+        if self.value_dim == self.inner_dim:
+            return self.split_heads(x, parts)
+        cut = (parts - 1) * self.inner_dim
+        return [
+            *self.split_heads(x[..., :cut], parts - 1),
+            *self.split_heads(x[..., cut:], 1, self.value_dim_head),
+        ]
 
     def queries_keys_values(self, x, context=None):
         """Normed tokens (and context) -> q (b, n, h, d), k and v (b, m, h, d)."""
         if not self.separate_kv:
             if context is not None:
                 raise ValueError(f"{self.name}: `context` needs `separate_kv=True`.")
-            return self.split_heads(self.to_qkv(x), 3)
+            return self.split_with_values(self.to_qkv(x), 3)
         source = x if context is None else ops.concatenate([x, context], axis=1)
         (q,) = self.split_heads(self.to_q(x), 1)
-        k, v = self.split_heads(self.to_kv(source), 2)
+        k, v = self.split_with_values(self.to_kv(source), 2)
         return q, k, v
 
     def transform_scores(self, scores):
@@ -157,13 +189,15 @@ class Attention(VitkitLayer):
         """The factor on `q k^T`: `dim_head ** -0.5` (LSA learns it instead)."""
         return ops.cast(self.scale, dtype)
 
-    def attention_weights(self, q, k, training=None, key_mask=None):
-        """softmax(q k^T * scale) with the hooks applied: `(b, h, n_q, n_k)`. Keys where the
-        `(b, n_k)` `key_mask` is False get a weight of zero.
+    def attention_weights(self, q, k, bias=None, training=None, key_mask=None):
+        """softmax(q k^T * scale + bias) with the hooks applied: `(b, h, n_q, n_k)`. Keys
+        where the `(b, n_k)` `key_mask` is False get a weight of zero.
 
         Dropout acts on the softmax's output, before `transform_attention`, as in every
         vit-pytorch variant that post-processes the weights (DeepViT, CaiT, ATS)."""
         scores = ops.einsum("bqhd,bkhd->bhqk", q, k) * self.score_scale(q.dtype)
+        if bias is not None:
+            scores = scores + ops.cast(bias, scores.dtype)
         scores = self.transform_scores(scores)
         # Softmax in float32 under mixed precision, as keras.layers.MultiHeadAttention does.
         scores = ops.cast(scores, "float32")
@@ -173,33 +207,41 @@ class Attention(VitkitLayer):
         attn = self.attn_dropout(attn, training=training)
         return self.transform_attention(attn)
 
-    def attend(self, q, k, v, training=None, key_mask=None):
-        """(b, n, h, d) queries, keys, values -> (b, n, h, d); `key_mask` (b, n_k) as in `call`."""
-        if self.fusable and not (training and self.attn_dropout.rate > 0):
+    def attend(self, q, k, v, bias=None, training=None, key_mask=None):
+        """(b, n, h, d) queries, keys, values -> (b, n, h, d_v); `bias` broadcastable to
+        `(b, h, n_q, n_k)` is added to the scaled scores, `key_mask` (b, n_k) as in `call`."""
+        # JAX's fused kernel wants values as wide as keys.
+        fused = self.fusable and self.value_dim == self.inner_dim
+        if fused and not (training and self.attn_dropout.rate > 0):
+            if bias is not None:
+                bias = ops.cast(bias, q.dtype)
+                while len(bias.shape) < 4:  # the kernels want (b, h, n_q, n_k), 1s broadcast
+                    bias = bias[None]
             return ops.dot_product_attention(
                 q,
                 k,
                 v,
+                bias=bias,
                 mask=None if key_mask is None else key_mask[:, None, None, :],
                 scale=self.scale,
                 flash_attention=FLASH_ATTENTION,
             )
-        attn = self.attention_weights(q, k, training=training, key_mask=key_mask)
+        attn = self.attention_weights(q, k, bias=bias, training=training, key_mask=key_mask)
         return ops.einsum("bhqk,bkhd->bqhd", attn, v)
 
     def project(self, out, training=None):
         """(b, n, h, d) -> (b, n, dim)."""
         shape = ops.shape(out)
-        out = ops.reshape(out, (-1, shape[1], self.inner_dim))
+        out = ops.reshape(out, (-1, shape[1], self.value_dim))
         if self.to_out is None:
             return out
         return self.out_dropout(self.to_out(out), training=training)
 
-    def call(self, x, context=None, training=None, key_mask=None):
+    def call(self, x, context=None, bias=None, training=None, key_mask=None):
         if self.norm_layer is not None:
             x = self.norm_layer(x)
         q, k, v = self.queries_keys_values(x, context)
-        out = self.attend(q, k, v, training=training, key_mask=key_mask)
+        out = self.attend(q, k, v, bias=bias, training=training, key_mask=key_mask)
         return self.project(out, training=training)
 
     def vit_pytorch_state_map(self, out="to_out.0"):

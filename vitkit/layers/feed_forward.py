@@ -7,6 +7,7 @@ import keras
 from vitkit.layers.attention import layer_norm
 from vitkit.layers.backend_quirks import GELU
 from vitkit.layers.base import VitkitLayer
+from vitkit.layers.utils import optional, rate
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -19,11 +20,21 @@ class FeedForward(VitkitLayer):
         dropout: dropout after the activation and after the output projection.
         activation: any Keras activation name; `"gelu"` is the exact (erf) GELU of torch.
         norm: whether to LayerNorm the input first (pre-norm).
+        output_dropout: dropout after the output projection; `None` uses `dropout`.
     """
 
-    def __init__(self, dim, hidden_dim, dropout=0.0, activation="gelu", norm=True, **kwargs):
+    def __init__(
+        self,
+        dim,
+        hidden_dim,
+        dropout=0.0,
+        activation="gelu",
+        norm=True,
+        output_dropout=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        self.keep_args(locals())
+        self.keep_args(locals(), output_dropout=optional(rate))
 
         policy = self.dtype_policy
         self.norm_layer = layer_norm("norm", policy, norm)
@@ -36,7 +47,9 @@ class FeedForward(VitkitLayer):
         )
         self.hidden_dropout = keras.layers.Dropout(dropout, dtype=policy)
         self.out = keras.layers.Dense(dim, dtype=policy, name="out")
-        self.out_dropout = keras.layers.Dropout(dropout, dtype=policy)
+        self.out_dropout = keras.layers.Dropout(
+            dropout if output_dropout is None else output_dropout, dtype=policy
+        )
 
     def build(self, input_shape):
         if self.norm_layer is not None:
@@ -50,9 +63,9 @@ class FeedForward(VitkitLayer):
         x = self.hidden_dropout(self.hidden(x), training=training)
         return self.out_dropout(self.out(x), training=training)
 
-    def vit_pytorch_state_map(self, hidden="net.1", out="net.4"):
+    def vit_pytorch_state_map(self, hidden="net.1", out="net.4", norm="net.0"):
         """Our weights under vit-pytorch's names (indices inside its `nn.Sequential`)."""
         names = {hidden: self.hidden, out: self.out}
         if self.norm_layer is not None:
-            names["net.0"] = self.norm_layer
+            names[norm] = self.norm_layer
         return names

@@ -192,6 +192,48 @@ def patchify(images, patch_size: Sequence[int], data_format: str = "channels_las
     return ops.reshape(x, (b, (hh // p1) * (ww // p2), p1 * p2 * c))
 
 
+def patches_to_channels(x, patch_size: Sequence[int]):
+    """Fold each patch of a channels-last map into the channels, channels outermost:
+    `(b, h*p1, w*p2, c) -> (b, h, w, c*p1*p2)` in `(c, p1, p2)` order, as vit-pytorch's
+    convolutional models write `b c (h p1) (w p2) -> b (c p1 p2) h w`."""
+    p1, p2 = patch_size
+    _, hh, ww, c = ops.shape(x)
+    x = ops.reshape(x, (-1, hh // p1, p1, ww // p2, p2, c))
+    x = ops.transpose(x, (0, 1, 3, 5, 2, 4))  # b h w c p1 p2
+    return ops.reshape(x, (-1, hh // p1, ww // p2, c * p1 * p2))
+
+
+def per_stage(
+    name: str, value, stages: int, owner: str = "", counted_by: str | None = None
+) -> tuple:
+    """vit-pytorch's `cast_tuple` for the per-stage arguments of pyramid models: one value
+    for all `stages` stages, or a tuple (a list, from a JSON config) with one per stage. A
+    ValueError names `name` if the tuple's length is not `stages` (`counted_by`: the argument
+    that sets the number of stages, for the message)."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * stages
+    if len(values) != stages:
+        where = f"{owner}: " if owner else ""
+        counted = f" (as many as `{counted_by}` has)" if counted_by else ""
+        raise ValueError(
+            f"{where}`{name}` must be one value or a tuple of {stages}, one per "
+            f"stage{counted}; got {value!r}."
+        )
+    return values
+
+
+def smallest_side(accepts, owner: str = "", arguments: str = "", limit: int = 4096) -> int:
+    """The smallest image side `n >= 1` for which `accepts(n)` holds: the default input size
+    of models that take many sizes. A ValueError naming `arguments` (the constructor
+    arguments that decide it) if none up to `limit` does."""
+    for side in range(1, limit + 1):
+        if accepts(side):
+            return side
+    where = f"{owner}: " if owner else ""
+    raise ValueError(
+        f"{where}no image side up to {limit} pixels suits {arguments or 'this configuration'}."
+    )
+
+
 def check_positive(name: str, value, owner: str = "") -> float:
     """A real number > 0 (bools refused), else a ValueError naming `name`."""
     where = f"{owner}: " if owner else ""
