@@ -78,7 +78,16 @@ class LeViTAttention(Attention):
         self.dim_value = check_int("dim_value", dim_value, owner=owner)
         self.dim_out = dim_out
         self.downsample = downsample
-        super().__init__(dim, heads, dim_key, dropout, project_out=False, norm=False, **kwargs)
+        super().__init__(
+            dim,
+            heads,
+            dim_key,
+            dropout,
+            project_out=False,
+            norm=False,
+            dim_value=dim_value,
+            **kwargs,
+        )
         policy = self.dtype_policy
         self.out_proj = keras.layers.Dense(dim_out or dim, dtype=policy, name="out_proj")
         self.out_norm = _batch_norm("out_norm", policy)
