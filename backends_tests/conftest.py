@@ -3,10 +3,18 @@
 import importlib.util
 import os
 import sys
+import tempfile
 import types
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Eager JAX compiles every op for every new shape (~25 ms each on a small CPU): the xdist
+# workers and the subprocesses the tests start share one on-disk cache of those programs.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "vitkit-tests-jax-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several workers share the cores: one compute thread each. torch's OpenMP pool spin-waits,

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 import vitkit
-from backends_tests.helpers import as_numpy, image_size, randomize_torch, reference_class, rel_err
+from backends_tests.helpers import (
+    BACKEND,
+    as_numpy,
+    compiled_forward,
+    image_size,
+    randomize_torch,
+    reference_class,
+    rel_err,
+)
 from backends_tests.reference import reference_forward, reference_kwargs
 from vitkit.convert import from_vit_pytorch, vit_pytorch_keys
 
@@ -16,6 +24,15 @@ CASES = [
     (name, i) for name in vitkit.list_models() for i in range(len(vitkit.get_spec(name).parity))
 ]
 TOLERANCE = 1e-4
+
+
+def inference(model, x):
+    """The model's inference outputs, as a list. On JAX through `jax.jit`, as `predict` and
+    `fit` run it: eager JAX compiles every op for every new shape (~25 ms each on this CPU),
+    which made the parity tests the slowest in the suite. Eager and jit agreeing is tested
+    elsewhere."""
+    outputs = compiled_forward(model, x) if BACKEND == "jax" else model(x, training=False)
+    return [as_numpy(y) for y in keras.tree.flatten(outputs)]
 
 
 def reference_pair(name, index, seed=0):
@@ -35,7 +52,7 @@ def test_matches_vit_pytorch(name, index):
     x = x.astype("float32")
     # A model may return several outputs (LeViT's distillation head): compare each.
     expected = keras.tree.flatten(reference_forward(name, ref, ours, x))
-    got = [as_numpy(y) for y in keras.tree.flatten(ours(x.transpose(0, 2, 3, 1), training=False))]
+    got = inference(ours, x.transpose(0, 2, 3, 1))
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert a.shape == b.shape
@@ -43,8 +60,8 @@ def test_matches_vit_pytorch(name, index):
 
     # channels_first takes the reference's layout directly.
     first = from_vit_pytorch(spec.cls(**config, data_format="channels_first"), ref.state_dict())
-    for a, b in zip(keras.tree.flatten(first(x, training=False)), expected, strict=True):
-        assert rel_err(as_numpy(a), b) < TOLERANCE
+    for a, b in zip(inference(first, x), expected, strict=True):
+        assert rel_err(a, b) < TOLERANCE
 
 
 @pytest.mark.parametrize("name", vitkit.list_models())

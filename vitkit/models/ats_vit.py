@@ -100,7 +100,7 @@ class AdaptiveTokenSampling(VitkitLayer):
         logits = ops.where(valid, ops.log(scores + eps), MASKED_LOGIT)
 
         # K Gumbel-max draws, positions 0..n-2 among the patch tokens
-        u = self.uniform_noise(batch, tokens, training=training)
+        u = ops.cast(self.uniform_noise(batch, tokens, training=training), "float32")
         gumbel = -ops.log(-ops.log(u + eps) + eps)
         positions = ops.arange(tokens, dtype="int32")
         draws = first_argmax(logits[:, None, :] + gumbel, positions)  # (b, K)

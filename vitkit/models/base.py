@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import ops
 
 from vitkit.convert.mapping import Reshaped
@@ -127,9 +126,10 @@ class VitkitModel(ConfigMixin, keras.Model):
         self.compute_output_spec(keras.KerasTensor(tuple(input_shape), dtype=self.compute_dtype))
 
     def build_default(self):
-        """Create the weights by running one batch of zeros of the configured size."""
+        """Create the weights for images of the configured size, without computing anything
+        (a symbolic pass: no per-op compiles on JAX, the meta device on torch)."""
         if not self.built:
-            self(np.zeros(self.default_input_shape(), dtype="float32"))
+            self.build(self.default_input_shape())
         return self
 
 
