@@ -120,7 +120,10 @@ def test_mobilevit_xs_preset_is_the_seed_example_with_vit_pytorchs_parameter_cou
     model = vitkit.create_model("mobilevit_xs")
     model.build((None, 256, 256, 3))
     ref = reference_class(spec)(**plain_kwargs(config))
-    assert model.count_params() == sum(p.numel() for p in ref.parameters())
+    # Parameters are the trainable weights: torch keeps BatchNorm's running statistics as
+    # buffers, Keras as non-trainable weights (which `count_params` would count too).
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert trainable == sum(p.numel() for p in ref.parameters())
     keras.utils.clear_session()
 
 

@@ -15,7 +15,7 @@ def _gelu_via_erf(x):
     return 0.5 * x * (1.0 + keras.ops.erf(x * 0.7071067811865476))
 
 
-# The exact (erf) GELU used by every feed-forward block.
+# The exact (erf) GELU of every feed-forward block and of LeViT's attention output.
 # tensorflow: tf.nn.gelu(approximate=False) lowers to the Erfc op, which tf2onnx cannot convert
 # (ONNX has Erf, not Erfc), and ONNX export from every backend goes through TensorFlow. The erf
 # form is the same function. Other backends keep Keras' gelu, which maps to their fused kernel.
