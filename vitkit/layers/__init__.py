@@ -5,8 +5,10 @@ from vitkit.layers.attention_variants import LocalitySelfAttention, TalkingHeads
 from vitkit.layers.base import ConfigMixin, VitkitLayer
 from vitkit.layers.conv import (
     ChannelLayerNorm,
+    Conv2D,
     ConvNormAct,
     ConvStem,
+    DepthwiseConv2D,
     MaxPool,
     map_to_tokens,
     tokens_to_map,
@@ -28,6 +30,8 @@ __all__ = [
     "Attention",
     "ChannelLayerNorm",
     "ClassToken",
+    "Conv2D",
+    "DepthwiseConv2D",
     "ConfigMixin",
     "ConvNormAct",
     "ConvStem",
