@@ -226,9 +226,7 @@ class ConvNormAct(VitkitLayer):
             name="conv",
         )
         if depth_multiplier is None:
-            self.conv = Conv2D(
-                filters, kernel_initializer=kernel_initializer, **conv_args
-            )
+            self.conv = Conv2D(filters, kernel_initializer=kernel_initializer, **conv_args)
         else:
             self.conv = DepthwiseConv2D(
                 depth_multiplier=depth_multiplier,
