@@ -167,6 +167,26 @@ def test_conv_norm_act_pads_and_normalizes_as_torch(data_format):
     assert rel_err(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize("depthwise", [False, True], ids=["conv2d", "depthwise"])
+def test_channels_first_bias_lands_on_channels_when_width_equals_channels(depthwise):
+    """Keras 3.15's `ops.add` on TensorFlow put a `(1, c, 1, 1)` bias on the width axis of a
+    `(b, c, h, w)` map with `w == c`; LeViT on channels_first gave wrong numbers through it."""
+    if depthwise:
+        ref = torch.nn.Conv2d(6, 6, 3, stride=2, groups=6)
+        ours = layers.DepthwiseConv2D(3, 2, data_format="channels_first")
+    else:
+        ref = torch.nn.Conv2d(4, 6, 3, stride=2)
+        ours = layers.Conv2D(6, 3, 2, data_format="channels_first")
+    ref = randomize_torch(ref).eval()
+    x = np.random.default_rng(0).normal(size=(2, ref.in_channels, 9, 13)).astype("float32")
+    ours.build(x.shape)  # output (2, 6, 4, 6): as wide as it has channels
+    _load(ours, ref)
+    expected = ref(torch.from_numpy(x)).detach().numpy()
+    got = as_numpy(ours(x))
+    assert got.shape == expected.shape == (2, 6, 4, 6)
+    assert rel_err(got, expected) < 1e-5
+
+
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_max_pool_pads_with_minus_infinity_as_torch(data_format):
     x = -np.abs(np.random.default_rng(0).normal(size=(2, 3, 8, 7))).astype("float32") - 1.0

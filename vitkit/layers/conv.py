@@ -16,6 +16,7 @@ from keras import ops
 
 from vitkit.convert.mapping import channel_norm
 from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.backend_quirks import add_channels_first_bias
 from vitkit.layers.base import ConfigMixin, VitkitLayer
 from vitkit.layers.utils import (
     DATA_FORMATS,
@@ -31,6 +32,38 @@ from vitkit.layers.utils import (
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 NORMS = (None, "batch", "layer")
+
+
+class _ChannelsFirstBias:
+    """Adds a channels_first convolution's bias through `add_channels_first_bias` (see
+    `backend_quirks`: Keras' own `ops.add` puts it on the wrong axis on TensorFlow when the
+    map is as wide as it has channels)."""
+
+    def call(self, inputs):
+        if not (self.use_bias and self.data_format == "channels_first"):
+            return super().call(inputs)
+        outputs = add_channels_first_bias(self.convolution_op(inputs, self.kernel), self.bias)
+        return outputs if self.activation is None else self.activation(outputs)
+
+
+@keras.saving.register_keras_serializable(package="vitkit")
+class Conv2D(_ChannelsFirstBias, keras.layers.Conv2D):
+    """`keras.layers.Conv2D`, right in channels_first on every backend."""
+
+
+@keras.saving.register_keras_serializable(package="vitkit")
+class DepthwiseConv2D(_ChannelsFirstBias, keras.layers.DepthwiseConv2D):
+    """`keras.layers.DepthwiseConv2D`, right in channels_first on every backend."""
+
+    def convolution_op(self, inputs, kernel):
+        return ops.depthwise_conv(
+            inputs,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
 
 
 def channel_axis(data_format: str) -> int:
@@ -194,11 +227,9 @@ class ConvNormAct(VitkitLayer):
             name="conv",
         )
         if depth_multiplier is None:
-            self.conv = keras.layers.Conv2D(
-                filters, kernel_initializer=kernel_initializer, **conv_args
-            )
+            self.conv = Conv2D(filters, kernel_initializer=kernel_initializer, **conv_args)
         else:
-            self.conv = keras.layers.DepthwiseConv2D(
+            self.conv = DepthwiseConv2D(
                 depth_multiplier=depth_multiplier,
                 depthwise_initializer=kernel_initializer,
                 **conv_args,

@@ -122,8 +122,12 @@ class VitkitModel(ConfigMixin, keras.Model):
         return (batch, self.input_channels, h, w)
 
     def build(self, input_shape):
+        images = keras.KerasTensor(tuple(input_shape), dtype=self.compute_dtype)
+        # Refuse a wrong input here: raised inside the symbolic pass, our message would come
+        # wrapped in Keras' "Could not automatically infer the output shape".
+        self.check_images(images)
         # One symbolic forward pass: every sublayer is built with the shapes it will see.
-        self.compute_output_spec(keras.KerasTensor(tuple(input_shape), dtype=self.compute_dtype))
+        self.compute_output_spec(images)
 
     def build_default(self):
         """Create the weights for images of the configured size, without computing anything

@@ -190,12 +190,12 @@ class CCTTransformer(Transformer):
 # fmt: off
 @register_model(
     tiny=dict(
-        img_size=(20, 12), embedding_dim=20, n_conv_layers=2, kernel_size=3, stride=1,
+        img_size=(20, 12), embedding_dim=20, n_conv_layers=1, kernel_size=3, stride=1,
         padding=1, num_layers=2, num_heads=2, mlp_ratio=1.5, num_classes=7,
         positional_embedding="learnable",
     ),
     parity=[
-        dict(img_size=(20, 12), embedding_dim=20, n_conv_layers=2, kernel_size=3, stride=1,
+        dict(img_size=(20, 12), embedding_dim=20, n_conv_layers=1, kernel_size=3, stride=1,
              padding=1, num_layers=2, num_heads=2, mlp_ratio=1.5, num_classes=7,
              positional_embedding="learnable"),
         dict(img_size=(26, 19), embedding_dim=24, n_input_channels=2, kernel_size=5, stride=2,

@@ -11,6 +11,7 @@ from keras import ops
 
 from vitkit.convert.mapping import as_feature_map
 from vitkit.layers import Attention, ConvStem, FeedForward, Transformer, map_to_tokens
+from vitkit.layers.backend_quirks import GELU
 from vitkit.layers.conv import BN_EPSILON, BN_MOMENTUM
 from vitkit.layers.utils import check_int, check_int_tuple, check_pair, check_rate
 from vitkit.models.base import VitkitModel
@@ -154,7 +155,7 @@ class LeViTAttention(Attention):
 
     def project(self, out, training=None):
         out = ops.reshape(out, (-1, out.shape[1], self.heads * self.dim_value))
-        out = self.out_norm(self.out_proj(ops.gelu(out, approximate=False)), training=training)
+        out = self.out_norm(self.out_proj(GELU(out)), training=training)
         return self.out_dropout(out, training=training)
 
     def vit_pytorch_state_map(self, out=None):

@@ -17,7 +17,7 @@ from vitkit.layers import (
 )
 from vitkit.layers.attention import LN_EPSILON
 from vitkit.layers.base import VitkitLayer
-from vitkit.layers.conv import conv_output_size
+from vitkit.layers.conv import Conv2D, conv_output_size
 from vitkit.layers.utils import (
     DATA_FORMATS,
     check_choice,
@@ -197,7 +197,7 @@ class PiT(VitkitModel):
 
         policy = self.dtype_policy
         # Unfold(patch, stride patch // 2) + Linear is a strided convolution.
-        self.patch_embed = keras.layers.Conv2D(
+        self.patch_embed = Conv2D(
             dim, self.patch_hw, self.stride_hw, data_format=data_format, dtype=policy,
             name="patch_embed",
         )
