@@ -59,7 +59,6 @@ LAYERS = [
     (layers.WindowAttention, dict(dim=6, window_size=2, dilated=True, dim_value=3), (2, 4, 6, 6)),
     (layers.SpatialReductionAttention, dict(dim=6, reduction=2, heads=3, dim_head=2), (2, 5, 4, 6)),
     (layers.PEG, dict(kernel_size=3), (2, 5, 4, 6)),
-    (layers.ZeroPaddedConv2D, dict(filters=5, kernel_size=3, strides=2, padding=1), (2, 5, 4, 6)),
     (layers.DynamicPositionBias, dict(dim=6, depth=2), (9, 2)),
 ]
 
@@ -201,7 +200,7 @@ def test_max_pool_pads_with_minus_infinity_as_torch(data_format):
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
-def test_channel_layer_norm_matches_vit_pytorchs(data_format):
+def test_channel_norm_matches_vit_pytorchs(data_format):
     from vit_pytorch.cvt import LayerNorm as Reference
 
     ref = randomize_torch(Reference(5))
@@ -315,9 +314,9 @@ def test_pointwise_and_output_slices_map_from_torch_convolutions():
     assert rel_err(got, expected.numpy().transpose(0, 2, 3, 1)) < 1e-6
 
 
-def test_zero_padded_conv_matches_torch_padding():
+def test_padded_conv_matches_torch_padding():
     ref = randomize_torch(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1))
-    ours = layers.ZeroPaddedConv2D(4, 3, strides=2, padding=1)
+    ours = layers.ConvNormAct(4, 3, strides=2, padding=1)
     ours.build((None, 7, 6, 3))
     _load(ours.conv, ref)
     x = np.random.default_rng(0).normal(size=(2, 3, 7, 6)).astype("float32")

@@ -8,26 +8,19 @@ from vitkit.convert.mapping import (
     Reshaped,
     Transformed,
     as_feature_map,
-    channel_layer_norm,
     channel_norm,
-    feature_map_names,
-    pointwise_conv,
 )
 from vitkit.convert.vit_pytorch import from_vit_pytorch, vit_pytorch_keys
 
 __all__ = [
     "Empty",
-    "Reshaped",
-    "Transformed",
-    "as_feature_map",
-    "channel_norm",
-    "pointwise_conv",
     "Ignored",
     "OutputSlice",
     "Pointwise",
     "Reshaped",
-    "channel_layer_norm",
-    "feature_map_names",
+    "Transformed",
+    "as_feature_map",
+    "channel_norm",
     "from_vit_pytorch",
     "vit_pytorch_keys",
 ]

@@ -53,6 +53,7 @@ class Transformed:
     to_keras: Callable[[np.ndarray], np.ndarray]
 
 
+@dataclass(frozen=True)
 class Pointwise:
     """A Dense layer that the reference writes as a 1x1 `nn.Conv2d` over feature maps
     (weight `(out, in, 1, 1)`): the same map, applied to the channels of every pixel."""
@@ -101,10 +102,6 @@ def _conv_kernel(
     return array.transpose(2, 3, 1, 0)
 
 
-def _pointwise_kernel(array):  # torch 1x1 Conv2d (out, in, 1, 1) -> Dense kernel (in, out)
-    return array[:, :, 0, 0].T
-
-
 def _conv1d_kernel(array):  # torch Conv1d (out, in / groups, k) -> Keras (k, in / groups, out)
     return array.transpose(2, 1, 0)
 
@@ -124,16 +121,6 @@ def _pointwise_kernel(array):  # torch Conv2d 1x1 (out, in, 1, 1) -> Keras Dense
     return array.reshape(array.shape[:2]).T
 
 
-def pointwise_conv(dense) -> dict:
-    """Names of a Keras `Dense` over tokens that stands for a torch 1x1 `Conv2d` over a
-    feature map: the same weights, stored as `(out, in, 1, 1)`."""
-    d_in, d_out = dense.kernel.shape
-    names = {"weight": Transformed(dense.kernel, (d_out, d_in, 1, 1), _pointwise_kernel)}
-    if dense.use_bias:
-        names["bias"] = dense.bias
-    return names
-
-
 def channel_norm(norm) -> dict:
     """Names of a Keras `LayerNormalization` that stands for vit-pytorch's channel LayerNorm
     (gain `g` and bias `b`, stored as `(1, C, 1, 1)`)."""
@@ -142,26 +129,6 @@ def channel_norm(norm) -> dict:
         "g": Reshaped(norm.gamma, (1, channels, 1, 1)),
         "b": Reshaped(norm.beta, (1, channels, 1, 1)),
     }
-
-
-def as_feature_map(names: dict) -> dict:
-    """A state map of token layers, renamed for a reference that runs the same computation on
-    feature maps: every `Dense` becomes a 1x1 `Conv2d` and every `LayerNormalization` a
-    channel LayerNorm (CvT's, NesT's and LeViT's blocks; `names` may nest layers that have a
-    `vit_pytorch_state_map()`)."""
-    out = {}
-    for key, value in names.items():
-        if isinstance(value, dict):
-            out[key] = as_feature_map(value)
-        elif hasattr(value, "vit_pytorch_state_map"):
-            out[key] = as_feature_map(value.vit_pytorch_state_map())
-        elif isinstance(value, keras.layers.Dense):
-            out[key] = pointwise_conv(value)
-        elif isinstance(value, keras.layers.LayerNormalization):
-            out[key] = channel_norm(value)
-        else:
-            out[key] = value
-    return out
 
 
 def _leaves(layer) -> dict[str, tuple]:
@@ -210,29 +177,21 @@ def _leaves(layer) -> dict[str, tuple]:
     )
 
 
-def channel_layer_norm(layer) -> dict:
-    """vit-pytorch's channel LayerNorm over (b, c, h, w) maps (gain `g`, bias `b`, both
-    `(1, C, 1, 1)`): our LayerNormalization over the last axis of (b, h, w, c) maps."""
-    channels = tuple(layer.gamma.shape)[0]
-    shape = (1, channels, 1, 1)
-    return {"g": Reshaped(layer.gamma, shape), "b": Reshaped(layer.beta, shape)}
-
-
-def feature_map_names(names):
+def as_feature_map(names):
     """A state map for blocks that vit-pytorch writes over (b, c, h, w) feature maps and we
     over tokens or channels-last maps: each Dense layer is its 1x1 convolution (`Pointwise`),
     each LayerNormalization its channel LayerNorm (`g`, `b`). Other entries stay as they are;
     dicts, `OutputSlice`s and blocks with a state map of their own are converted inside."""
     if isinstance(names, dict):
-        return {key: feature_map_names(value) for key, value in names.items()}
+        return {key: as_feature_map(value) for key, value in names.items()}
     if isinstance(names, OutputSlice):
-        return OutputSlice(feature_map_names(names.layer), names.start, names.stop)
+        return OutputSlice(as_feature_map(names.layer), names.start, names.stop)
     if isinstance(names, keras.layers.Dense):
         return Pointwise(names)
     if isinstance(names, keras.layers.LayerNormalization):
-        return channel_layer_norm(names)
+        return channel_norm(names)
     if isinstance(names, keras.layers.Layer) and hasattr(names, "vit_pytorch_state_map"):
-        return feature_map_names(names.vit_pytorch_state_map())
+        return as_feature_map(names.vit_pytorch_state_map())
     return names
 
 

@@ -11,7 +11,6 @@ from vitkit.layers.conv import (
     ConvStem,
     DepthwiseConv2D,
     MaxPool,
-    ZeroPaddedConv2D,
     map_to_tokens,
     tokens_to_map,
 )
@@ -65,7 +64,6 @@ __all__ = [
     "Transformer",
     "VitkitLayer",
     "WindowAttention",
-    "ZeroPaddedConv2D",
     "layer_scale_init",
     "map_to_tokens",
     "mix_heads",

@@ -255,6 +255,12 @@ class ConvNormAct(VitkitLayer):
             for n, k, s, p in zip((height, width), self.kernel_hw, self.strides_hw, self.padding_hw)
         )
 
+    def compute_output_shape(self, input_shape):
+        shape = tuple(input_shape)
+        if self.explicit_padding:
+            shape = _padded_shape(shape, self.padding_hw, self.data_format)
+        return self.conv.compute_output_shape(shape)
+
     def build(self, input_shape):
         shape = tuple(input_shape)
         if self.explicit_padding:
@@ -422,70 +428,6 @@ class ConvStem(VitkitLayer):
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
-class ZeroPaddedConv2D(VitkitLayer):
-    """`Conv2D` on `(b, h, w, c)` maps after `padding` zeros on every side, as
-    `torch.nn.Conv2d(padding=p)`: the output side is `(n + 2p - kernel) // stride + 1` and the
-    windows sit where torch's do (Keras' `"same"` pads strided convolutions differently).
-
-    Args:
-        filters: output channels.
-        kernel_size: int, a square kernel.
-        strides: int.
-        padding: zeros added on each side.
-        use_bias: whether the convolution has a bias.
-    """
-
-    def __init__(self, filters, kernel_size, strides=1, padding=0, use_bias=True, **kwargs):
-        super().__init__(**kwargs)
-        owner = type(self).__name__
-        self.filters = check_int("filters", filters, owner=owner)
-        self.kernel_size = check_int("kernel_size", kernel_size, owner=owner)
-        self.strides = check_int("strides", strides, owner=owner)
-        self.padding = check_int("padding", padding, minimum=0, owner=owner)
-        self.use_bias = use_bias
-        self.conv = keras.layers.Conv2D(
-            filters,
-            kernel_size,
-            strides=strides,
-            use_bias=use_bias,
-            dtype=self.dtype_policy,
-            name="conv",
-        )
-
-    @staticmethod
-    def output_side(side: int, kernel_size: int, strides: int, padding: int) -> int:
-        """Output length along one axis, torch's formula."""
-        return (side + 2 * padding - kernel_size) // strides + 1
-
-    def build(self, input_shape):
-        p = self.padding
-        h, w = input_shape[1], input_shape[2]
-        self.conv.build(
-            (
-                input_shape[0],
-                None if h is None else h + 2 * p,
-                None if w is None else w + 2 * p,
-                input_shape[3],
-            )
-        )
-
-    def call(self, x):
-        p = self.padding
-        return self.conv(zero_pad(zero_pad(x, 1, p, p), 2, p, p))
-
-    def compute_output_shape(self, input_shape):
-        b, h, w, _ = input_shape
-        k, s, p = self.kernel_size, self.strides, self.padding
-        h = None if h is None else self.output_side(h, k, s, p)
-        w = None if w is None else self.output_side(w, k, s, p)
-        return (b, h, w, self.filters)
-
-    def vit_pytorch_state_map(self):
-        """torch's `Conv2d(padding=p)` holds exactly our convolution's weights."""
-        return self.conv
-
-
-@keras.saving.register_keras_serializable(package="vitkit")
 class PEG(VitkitLayer):
     """Position encoding generator (CPVT, Chu et al. 2021, arXiv:2102.10882): a depth-wise
     `kernel_size x kernel_size` convolution added to its input, `(b, h, w, c) -> (b, h, w, c)`.
@@ -504,7 +446,7 @@ class PEG(VitkitLayer):
             raise ValueError(
                 f"{owner}: `kernel_size` must be odd so the map keeps its size; got {kernel_size}."
             )
-        self.proj = keras.layers.DepthwiseConv2D(
+        self.proj = DepthwiseConv2D(
             kernel_size, padding="same", dtype=self.dtype_policy, name="proj"
         )
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vitkit.convert import feature_map_names
+from vitkit.convert import as_feature_map
 from vitkit.layers import (
     DynamicPositionBias,
     FeedForward,
     VitkitLayer,
     WindowAttention,
-    ZeroPaddedConv2D,
 )
+from vitkit.layers.conv import ConvNormAct
 from vitkit.layers.utils import (
     check_int,
     check_rate,
@@ -50,7 +50,7 @@ class CrossEmbedLayer(VitkitLayer):
         widths = [dim // 2**i for i in range(1, len(kernels))]
         widths.append(dim - sum(widths))
         self.convs = [
-            ZeroPaddedConv2D(
+            ConvNormAct(
                 width,
                 kernel,
                 strides=stride,
@@ -67,16 +67,13 @@ class CrossEmbedLayer(VitkitLayer):
 
     def output_sides(self, side: int) -> list[int]:
         """The map side after each convolution, for an input side of `side`."""
-        return [
-            ZeroPaddedConv2D.output_side(side, c.kernel_size, c.strides, c.padding)
-            for c in self.convs
-        ]
+        return [c.output_size(side, side)[0] for c in self.convs]
 
     def call(self, x):
         return ops.concatenate([conv(x) for conv in self.convs], axis=-1)
 
     def vit_pytorch_state_map(self):
-        return {f"convs.{i}": conv for i, conv in enumerate(self.convs)}
+        return {f"convs.{i}": conv.conv for i, conv in enumerate(self.convs)}
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -110,7 +107,7 @@ class CrossFormerAttention(WindowAttention):
     def vit_pytorch_state_map(self, out="to_out"):
         # The block is over feature maps (1x1 convolutions, channel LayerNorm); the bias
         # network is over offsets (Linear, LayerNorm).
-        names = feature_map_names(super().vit_pytorch_state_map(out=out))
+        names = as_feature_map(super().vit_pytorch_state_map(out=out))
         names["dpb"] = self.dpb
         return names
 
@@ -181,7 +178,7 @@ class CrossFormerTransformer(VitkitLayer):
             if isinstance(block, CrossFormerAttention):
                 block_names = block.vit_pytorch_state_map()
             else:  # a bare nn.Sequential: ChanLayerNorm, Conv2d, GELU, Dropout, Conv2d
-                block_names = feature_map_names(
+                block_names = as_feature_map(
                     block.vit_pytorch_state_map(norm="0", hidden="1", out="4")
                 )
             names[f"layers.{j // 4}.{j % 4}"] = block_names

@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vitkit.convert.mapping import Reshaped, Transformed, pointwise_conv
+from vitkit.convert.mapping import Pointwise, Reshaped, Transformed
 from vitkit.layers import (
     ClassToken,
     ConvNormAct,
@@ -82,7 +82,7 @@ class PoolingLayer(VitkitLayer):
         return {
             "cls_ff": self.cls_ff,
             "downsample.net.0": self.depthwise.conv,
-            "downsample.net.1": pointwise_conv(self.pointwise),
+            "downsample.net.1": Pointwise(self.pointwise),
         }
 
 

@@ -6,19 +6,19 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vitkit.convert import Pointwise, channel_layer_norm
+from vitkit.convert import Pointwise, channel_norm
 from vitkit.layers import (
     PEG,
     Attention,
     FeedForward,
     RelativePositionBias,
     VitkitLayer,
-    ZeroPaddedConv2D,
     window_merge,
     window_partition,
 )
 from vitkit.layers.attention import LN_EPSILON
 from vitkit.layers.backend_quirks import GELU
+from vitkit.layers.conv import ConvNormAct, conv_output_size
 from vitkit.layers.utils import (
     check_int,
     check_rate,
@@ -130,7 +130,7 @@ class LocalTokenizer(VitkitLayer):
         policy = self.dtype_policy
         if three_conv:
             self.convs = [
-                ZeroPaddedConv2D(dim, 3, stride, 1, dtype=policy, name=f"conv_{i}")
+                ConvNormAct(dim, 3, stride, 1, dtype=policy, name=f"conv_{i}")
                 for i, stride in enumerate((2, 2, 1))
             ]
             self.norms = [
@@ -138,12 +138,12 @@ class LocalTokenizer(VitkitLayer):
                 for i in range(2)
             ]
         else:
-            self.convs = [ZeroPaddedConv2D(dim, 8, 4, 3, dtype=policy, name="conv")]
+            self.convs = [ConvNormAct(dim, 8, 4, 3, dtype=policy, name="conv")]
             self.norms = []
 
     def output_side(self, side: int) -> int:
         for conv in self.convs:
-            side = ZeroPaddedConv2D.output_side(side, conv.kernel_size, conv.strides, conv.padding)
+            side = conv.output_size(side, side)[0]
         return side
 
     def build(self, input_shape):
@@ -164,13 +164,13 @@ class LocalTokenizer(VitkitLayer):
 
     def vit_pytorch_state_map(self):
         if not self.three_conv:  # a bare Conv2d
-            return self.convs[0]
+            return self.convs[0].conv
         return {
-            "0": self.convs[0],
-            "1": channel_layer_norm(self.norms[0]),
-            "3": self.convs[1],
-            "4": channel_layer_norm(self.norms[1]),
-            "6": self.convs[2],
+            "0": self.convs[0].conv,
+            "1": channel_norm(self.norms[0]),
+            "3": self.convs[1].conv,
+            "4": channel_norm(self.norms[1]),
+            "6": self.convs[2].conv,
         }
 
 
@@ -292,7 +292,7 @@ class RegionViT(VitkitModel):
         self.downsamples, self.pegs, self.transformers = [], [], []
         for i, (width, blocks) in enumerate(zip(dims, depths)):
             self.downsamples.append(
-                ZeroPaddedConv2D(width, 3, 2, 1, dtype=policy, name=f"downsample_{i}")
+                ConvNormAct(width, 3, 2, 1, dtype=policy, name=f"downsample_{i}")
                 if i
                 else None
             )
@@ -320,7 +320,7 @@ class RegionViT(VitkitModel):
         local, region = self.local_encoder.output_side(side), side // self.region_patch_size
         for stage in range(4):
             if stage:
-                local, region = (ZeroPaddedConv2D.output_side(n, 3, 2, 1) for n in (local, region))
+                local, region = (conv_output_size(n, 3, 2, 1) for n in (local, region))
             if local % region or local // region > self.window_size:
                 return False
         return True
@@ -359,7 +359,7 @@ class RegionViT(VitkitModel):
             zip(self.downsamples, self.pegs, self.transformers)
         ):
             if down is not None:
-                names[f"layers.{i}.0.conv"] = down
+                names[f"layers.{i}.0.conv"] = down.conv
             if peg is not None:
                 names[f"layers.{i}.1"] = peg
             names[f"layers.{i}.2"] = transformer

@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vitkit.convert import OutputSlice, channel_layer_norm, feature_map_names
+from vitkit.convert import OutputSlice, as_feature_map, channel_norm
 from vitkit.layers import (
     PEG,
     Attention,
@@ -14,9 +14,9 @@ from vitkit.layers import (
     SpatialReductionAttention,
     VitkitLayer,
     WindowAttention,
-    ZeroPaddedConv2D,
 )
 from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.conv import ConvNormAct, conv_output_size
 from vitkit.layers.utils import (
     check_int,
     check_rate,
@@ -82,7 +82,7 @@ class InteractiveWindowedAttention(WindowAttention):
         return self.out_dropout(self.to_out(out), training=training)
 
     def vit_pytorch_state_map(self):
-        names = feature_map_names(_separate_key_value_names(self))
+        names = as_feature_map(_separate_key_value_names(self))
         names["local_interactive_module"] = self.local_interactive_module
         return names
 
@@ -189,14 +189,14 @@ class ScalableTransformer(VitkitLayer):
     def vit_pytorch_state_map(self):
         names = {}
         for i, (ssa, ff1, peg, ff2, iwsa) in enumerate(self.blocks):
-            names[f"layers.{i}.0"] = feature_map_names(_separate_key_value_names(ssa))
-            names[f"layers.{i}.1"] = feature_map_names(ff1.vit_pytorch_state_map())
+            names[f"layers.{i}.0"] = as_feature_map(_separate_key_value_names(ssa))
+            names[f"layers.{i}.1"] = as_feature_map(ff1.vit_pytorch_state_map())
             if peg is not None:
                 names[f"layers.{i}.2"] = peg
-            names[f"layers.{i}.3"] = feature_map_names(ff2.vit_pytorch_state_map())
+            names[f"layers.{i}.3"] = as_feature_map(ff2.vit_pytorch_state_map())
             names[f"layers.{i}.4"] = iwsa
         if self.norm is not None:
-            names["norm"] = channel_layer_norm(self.norm)
+            names["norm"] = channel_norm(self.norm)
         return names
 
 
@@ -336,7 +336,7 @@ class ScalableViT(VitkitModel):
         self.stage_reductions = stage_values["reduction_factor"]
 
         policy = self.dtype_policy
-        self.to_patches = ZeroPaddedConv2D(dim, 7, 4, 3, dtype=policy, name="to_patches")
+        self.to_patches = ConvNormAct(dim, 7, 4, 3, dtype=policy, name="to_patches")
         self.transformers, self.downsamples = [], []
         for i in range(stages):
             width, last = dim * 2**i, i == stages - 1
@@ -359,8 +359,9 @@ class ScalableViT(VitkitModel):
                 )
             )
             self.downsamples.append(
-                None if last else ZeroPaddedConv2D(2 * width, 3, 2, 1, dtype=policy,
-                                                   name=f"downsample_{i}")
+                None
+                if last
+                else ConvNormAct(2 * width, 3, 2, 1, dtype=policy, name=f"downsample_{i}")
             )
         self.head_norm = keras.layers.LayerNormalization(
             epsilon=LN_EPSILON, dtype=policy, name="head_norm"
@@ -372,10 +373,10 @@ class ScalableViT(VitkitModel):
     def accepts_side(self, side: int) -> bool:
         """Whether an image side suits every stage (vit-pytorch's rules): each stage's
         window divides its map, which is at least `reduction_factor` large."""
-        side = ZeroPaddedConv2D.output_side(side, 7, 4, 3)
+        side = conv_output_size(side, 7, 4, 3)
         for i, (window, reduction) in enumerate(zip(self.stage_windows, self.stage_reductions)):
             if i:
-                side = ZeroPaddedConv2D.output_side(side, 3, 2, 1)
+                side = conv_output_size(side, 3, 2, 1)
             if side < reduction or (window is not None and side % window):
                 return False
         return True
@@ -399,10 +400,10 @@ class ScalableViT(VitkitModel):
     def vit_pytorch_state_map(self):
         """Our weights under the names of `vit_pytorch.scalable_vit.ScalableViT`'s state
         dict."""
-        names = {"to_patches": self.to_patches, "mlp_head.1": self.head_norm,
+        names = {"to_patches": self.to_patches.conv, "mlp_head.1": self.head_norm,
                  "mlp_head.2": self.head}
         for i, (transformer, downsample) in enumerate(zip(self.transformers, self.downsamples)):
             names[f"layers.{i}.0"] = transformer
             if downsample is not None:
-                names[f"layers.{i}.1.conv"] = downsample
+                names[f"layers.{i}.1.conv"] = downsample.conv
         return names

@@ -6,8 +6,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vitkit.convert import feature_map_names
-from vitkit.convert.mapping import Pointwise, channel_layer_norm
+from vitkit.convert import Pointwise, as_feature_map, channel_norm
 from vitkit.layers import (
     PEG,
     FeedForward,
@@ -61,9 +60,9 @@ class TwinsPatchMerging(VitkitLayer):
 
     def vit_pytorch_state_map(self):
         return {
-            "proj.0": channel_layer_norm(self.patch_norm),
+            "proj.0": channel_norm(self.patch_norm),
             "proj.1": Pointwise(self.proj),
-            "proj.2": channel_layer_norm(self.norm),
+            "proj.2": channel_norm(self.norm),
         }
 
 
@@ -162,7 +161,7 @@ class TwinsTransformer(VitkitLayer):
             first = 0 if self.has_local else 2
             for j, block in enumerate(blocks, start=first):
                 names[f"layers.{i}.{j}.fn"] = block
-        return feature_map_names(names)
+        return as_feature_map(names)
 
 
 # fmt: off
