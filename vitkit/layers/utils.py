@@ -265,6 +265,17 @@ def _lengths(allowed: range) -> str:
     return f"{allowed[0]} to {allowed[-1]}"
 
 
+def gather_tokens(x, ids):
+    """`x` (b, n, ...) at positions `ids` (b, m) along axis 1 -> (b, m, ...): a `take` on the
+    flattened `(b * n, ...)` rows. `ops.take_along_axis` gives the same, but torch.compile
+    (torch 2.13) fixes the batch size of `torch.take_along_dim` to the first one it sees."""
+    batch, n = ops.shape(x)[0], ops.shape(x)[1]
+    rest = tuple(x.shape[2:])
+    rows = ops.cast(ids, "int32") + ops.arange(batch, dtype="int32")[:, None] * n
+    taken = ops.take(ops.reshape(x, (-1, *rest)), ops.reshape(rows, (-1,)), axis=0)
+    return ops.reshape(taken, (*ops.shape(ids), *rest))
+
+
 def zero_pad(x, axis: int, before: int = 0, after: int = 0, value: float = 0.0):
     """`x` with `before` and `after` zeros (or `value`s: `-inf` for torch's max pooling) along
     `axis`.

@@ -8,19 +8,12 @@ import numpy as np
 from keras import ops
 
 from vitkit.layers import Attention, Transformer, VitkitLayer
-from vitkit.layers.utils import as_given, integer
+from vitkit.layers.utils import as_given, gather_tokens, integer
 from vitkit.models.base import ViTLayout
 from vitkit.registry import register_model
 
 # A masked token's pseudo-logit: vit-pytorch's -finfo(float32).max / 2, never drawn.
 MASKED_LOGIT = -1.7014117331926443e38
-
-
-def gather_tokens(x, ids):
-    """`x` (b, n, ...) at positions `ids` (b, m) along the tokens -> (b, m, ...)."""
-    index = ops.reshape(ids, (*ops.shape(ids), *([1] * (len(x.shape) - 2))))
-    index = ops.broadcast_to(index, (*ops.shape(ids), *ops.shape(x)[2:]))
-    return ops.take_along_axis(x, index, axis=1)
 
 
 def first_argmax(x, positions):
@@ -111,7 +104,7 @@ class AdaptiveTokenSampling(VitkitLayer):
         # the drawn positions in order, then the others: the first K, padding masked out
         order = ops.argsort(ops.where(drawn, positions, positions + tokens), axis=-1)[:, :k]
         order = ops.cast(order, "int32")
-        kept = ops.take_along_axis(drawn, order, axis=1)
+        kept = gather_tokens(drawn, order)
         ids = ops.where(kept, order + 1, 0)  # +1: past the class token; 0 pads
         ids = ops.concatenate([ops.zeros((batch, 1), "int32"), ids], axis=1)
         kept = ops.concatenate([ops.ones((batch, 1), "bool"), kept], axis=1)
@@ -234,7 +227,7 @@ class AdaptiveTokenSamplingTransformer(Transformer):
             if attention.samples(x.shape[1]):
                 out, ids, mask = attention(x, key_mask=mask, sample=True, training=training)
                 x, out = gather_tokens(x, ids), gather_tokens(out, ids)
-                token_ids = ops.take_along_axis(token_ids, ids, axis=1)
+                token_ids = gather_tokens(token_ids, ids)
             else:
                 out = attention(x, key_mask=mask, training=training)
             x = x + out
