@@ -75,9 +75,18 @@ class VitkitModel(ConfigMixin, keras.Model):
             return ("batch", height, width, self.input_channels)
         return ("batch", self.input_channels, height, width)
 
+    # A model that takes several image sizes may define `accepts_side(side) -> bool` and
+    # `size_rule`, that rule in words: `check_spatial` then holds height and width to it.
+    size_rule: str | None = None
+
     def check_spatial(self, height: int, width: int) -> None:
         """Raise a ValueError if this model cannot take images of this size (static sizes only)."""
-        if (height, width) != tuple(self.image_hw):
+        if self.size_rule is not None:
+            if not (self.accepts_side(height) and self.accepts_side(width)):
+                self.bad_input(
+                    f"{self.size_rule} (e.g. {tuple(self.image_hw)})", f"{height}x{width} images"
+                )
+        elif (height, width) != tuple(self.image_hw):
             self.bad_input(
                 f"images of exactly {tuple(self.image_hw)} pixels", f"{height}x{width} images"
             )

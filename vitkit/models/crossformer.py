@@ -360,6 +360,10 @@ class CrossFormer(VitkitModel):
         )
         self.image_hw = (side, side)  # the smallest image it takes
 
+    size_rule = (
+        "height and width whose maps every stage's local and global windows divide"
+    )
+
     def accepts_side(self, side: int) -> bool:
         """Whether an image side of `side` pixels suits every stage (vit-pytorch's rules:
         the scales of an embedding agree, both windows divide the map)."""
@@ -374,13 +378,6 @@ class CrossFormer(VitkitModel):
                 return False
         return True
 
-    def check_spatial(self, height, width):
-        if not (self.accepts_side(height) and self.accepts_side(width)):
-            self.bad_input(
-                "height and width whose maps every stage's local and global windows divide "
-                f"(e.g. {self.image_hw})",
-                f"{height}x{width} images",
-            )
 
     def call(self, images, training=None):
         x = to_channels_last(self.check_images(images), self.data_format)

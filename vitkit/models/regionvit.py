@@ -311,6 +311,13 @@ class RegionViT(VitkitModel):
         side = smallest_side(self.accepts_side, owner, "`window_size` and `local_patch_size`")
         self.image_hw = (side, side)  # the smallest image it takes
 
+    @property
+    def size_rule(self):
+        return (
+            f"height and width divisible by the regional patch size {self.region_patch_size} "
+            "whose local tokens fit the regions' windows"
+        )
+
     def accepts_side(self, side: int) -> bool:
         """Whether an image side suits the model (vit-pytorch's rules): divisible by the
         regional and local patch sizes, and at every stage the local tokens split evenly
@@ -325,14 +332,6 @@ class RegionViT(VitkitModel):
                 return False
         return True
 
-    def check_spatial(self, height, width):
-        if not (self.accepts_side(height) and self.accepts_side(width)):
-            self.bad_input(
-                f"height and width divisible by the regional patch size "
-                f"{self.region_patch_size} whose local tokens fit the regions' windows "
-                f"(e.g. {self.image_hw})",
-                f"{height}x{width} images",
-            )
 
     def call(self, images, training=None):
         images = to_channels_last(self.check_images(images), self.data_format)

@@ -370,6 +370,11 @@ class ScalableViT(VitkitModel):
         side = smallest_side(self.accepts_side, owner, "`window_size` and `reduction_factor`")
         self.image_hw = (side, side)  # the smallest image it takes
 
+    size_rule = (
+        "height and width whose maps every stage's `window_size` divides and no smaller than "
+        "its `reduction_factor`"
+    )
+
     def accepts_side(self, side: int) -> bool:
         """Whether an image side suits every stage (vit-pytorch's rules): each stage's
         window divides its map, which is at least `reduction_factor` large."""
@@ -381,13 +386,6 @@ class ScalableViT(VitkitModel):
                 return False
         return True
 
-    def check_spatial(self, height, width):
-        if not (self.accepts_side(height) and self.accepts_side(width)):
-            self.bad_input(
-                "height and width whose maps every stage's `window_size` divides and no "
-                f"smaller than its `reduction_factor` (e.g. {self.image_hw})",
-                f"{height}x{width} images",
-            )
 
     def call(self, images, training=None):
         x = self.to_patches(to_channels_last(self.check_images(images), self.data_format))

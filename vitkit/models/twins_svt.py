@@ -320,6 +320,11 @@ class TwinsSVT(VitkitModel):
             self.pegs.append(PEG(peg_kernel_size, dtype=policy, name=f"peg_{i}"))
         self.head = keras.layers.Dense(num_classes, dtype=policy, name="head")
 
+    size_rule = (
+        "height and width that every stage's patch size and local window divide, and whose "
+        "maps are no smaller than `global_k`"
+    )
+
     def accepts_side(self, side: int) -> bool:
         """Whether an image side of `side` pixels suits every stage (vit-pytorch's rules)."""
         for i, stage in enumerate(self.stages):
@@ -332,13 +337,6 @@ class TwinsSVT(VitkitModel):
                 return False
         return True
 
-    def check_spatial(self, height, width):
-        if not (self.accepts_side(height) and self.accepts_side(width)):
-            self.bad_input(
-                "height and width that every stage's patch size and local window divide, "
-                f"and whose maps are no smaller than `global_k` (e.g. {self.image_hw})",
-                f"{height}x{width} images",
-            )
 
     def call(self, images, training=None):
         x = to_channels_last(self.check_images(images), self.data_format)
