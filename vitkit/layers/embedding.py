@@ -73,12 +73,20 @@ class PatchEmbedding(VitkitLayer):
         h, w, _ = image_shape(images, self.data_format)
         return (h // self.patch_hw[0], w // self.patch_hw[1])
 
-    def call(self, images):
-        x = patchify(images, self.patch_hw, self.data_format)
+    def patchify(self, images):
+        """Images -> raw patch vectors `(b, n, p1*p2*c)`, in (p1 p2 c) order."""
+        return patchify(images, self.patch_hw, self.data_format)
+
+    def embed_patches(self, patches):
+        """Raw patch vectors `(b, n, p1*p2*c)` -> tokens `(b, n, dim)` (the masked-image
+        trainers edit the patches in between)."""
         if self.patch_norm is not None:
-            x = self.patch_norm(x)
-        x = self.proj(x)
+            patches = self.patch_norm(patches)
+        x = self.proj(patches)
         return self.token_norm(x) if self.token_norm is not None else x
+
+    def call(self, images):
+        return self.embed_patches(self.patchify(images))
 
     def vit_pytorch_state_map(self):
         """vit-pytorch's `to_patch_embedding`: Rearrange, LayerNorm, Linear, LayerNorm."""

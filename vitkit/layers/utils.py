@@ -90,6 +90,24 @@ def rate(name, value, owner) -> float:
     return check_rate(name, value, owner)
 
 
+def between(low: float, high: float, *, low_closed: bool = False, high_closed: bool = False):
+    """Rule: a real number in the interval from `low` to `high` (open ends unless closed)."""
+    text = f"{'[' if low_closed else '('}{low}, {high}{']' if high_closed else ')'}"
+
+    def rule(name, value, owner):
+        inside = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if inside:
+            inside = (low <= value if low_closed else low < value) and (
+                value <= high if high_closed else value < high
+            )
+        if not inside:
+            where = f"{owner}: " if owner else ""
+            raise ValueError(f"{where}`{name}` must be a number in {text}; got {value!r}.")
+        return float(value)
+
+    return rule
+
+
 def one_of(*choices: str):
     """Rule: one of `choices`."""
 

@@ -7,13 +7,12 @@ import keras
 from keras import ops
 
 from vitkit.layers.attention import layer_norm
-from vitkit.layers.base import ConfigMixin
-from vitkit.layers.utils import reject_unknown_kwargs
 from vitkit.models.distill import DistillableViT
+from vitkit.trainers.base import Trainer
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
-class DistillWrapper(ConfigMixin, keras.Model):
+class DistillWrapper(Trainer):
     """Trains a `DistillableViT` student against labels and a frozen teacher, with `fit`.
 
     The student runs with a learned distillation token appended to its patch tokens; its class
@@ -60,7 +59,6 @@ class DistillWrapper(ConfigMixin, keras.Model):
         **kwargs,
     ):
         owner = type(self).__name__
-        reject_unknown_kwargs(owner, kwargs)
         super().__init__(**kwargs)
         if not isinstance(student, DistillableViT):
             raise ValueError(
@@ -121,20 +119,6 @@ class DistillWrapper(ConfigMixin, keras.Model):
         if self.distill_norm is not None:
             token = self.distill_norm(token)
         return logits, self.distill_head(token)  # (b, num_classes) twice
-
-    def compile(self, optimizer="rmsprop", loss=None, **kwargs):
-        if loss is not None:
-            raise ValueError(
-                f"{type(self).__name__}.compile: no `loss`: the distillation loss is built in "
-                "(`alpha`, `temperature`, `hard` set it)."
-            )
-        super().compile(optimizer=optimizer, **kwargs)
-
-    def compile_from_config(self, config):
-        # Keras skips this for an overridden `compile`; ours only refuses a loss.
-        self.compile(**keras.saving.deserialize_keras_object(config))
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
 
     def teacher_logits(self, images):
         """The frozen teacher's logits, in float32, with no gradient."""
