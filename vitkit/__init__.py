@@ -13,6 +13,7 @@ import_keras()
 
 from vitkit import convert, layers, models  # noqa: E402
 from vitkit.exporting import ExportError, export  # noqa: E402
+from vitkit.introspect import Extractor, Recorder  # noqa: E402
 from vitkit.registry import (  # noqa: E402
     create_model,
     get_spec,
@@ -26,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "ExportError",
+    "Extractor",
+    "Recorder",
     "convert",
     "create_model",
     "export",

@@ -1,9 +1,11 @@
 """The `vitkit` command: train, evaluate, predict, export, list.
 
     vitkit train simple_vit --dataset digits
+    vitkit pretrain mae vit --dataset digits      (then: vitkit train vit --init FILE)
     vitkit evaluate runs/simple_vit/model.keras --dataset digits
     vitkit predict runs/simple_vit/model.keras image.png
     vitkit export runs/simple_vit/model.keras --format onnx --out model.onnx
+    vitkit attention runs/vit/model.keras image.png --out attn.png
     vitkit list
 
 Runs on whatever `KERAS_BACKEND` names. Errors are one line on stderr and a non-zero exit;
@@ -170,6 +172,8 @@ def cmd_train(args):
         raise CLIError(f"cannot build {args.model}: {err}") from None
     keras.utils.set_random_seed(args.seed)  # before the weights are drawn
     model.build_default()
+    if args.init:
+        print(initialize_from(model, args.init))
     if args.limit:
         data.x_train, data.y_train = data.x_train[: args.limit], data.y_train[: args.limit]
         data.x_test, data.y_test = data.x_test[: args.limit], data.y_test[: args.limit]
@@ -238,6 +242,111 @@ def cmd_train(args):
     print(f"saved {out / 'model.keras'} and {out / 'training_curves.png'}")
 
 
+def initialize_from(model, path) -> str:
+    """Copy the weights of the model saved at `path` (a pre-trained encoder) into `model`,
+    wherever a weight of the same place and shape exists (a head for another number of classes
+    stays as initialized). Returns a one-line report."""
+    saved = load_model(path)
+    if type(saved) is not type(model):
+        raise CLIError(
+            f"--init {path} holds a {type(saved).__name__}, not a {type(model).__name__}: "
+            "pre-train the same architecture"
+        )
+
+    def by_place(m):  # paths without the model's own (auto-generated) name
+        return {v.path.split("/", 1)[-1]: v for v in m.weights}
+
+    source, skipped, copied = by_place(saved), [], 0
+    for place, variable in by_place(model).items():
+        if place in source and tuple(source[place].shape) == tuple(variable.shape):
+            variable.assign(source[place])
+            copied += 1
+        else:
+            skipped.append(place)
+    if not copied:
+        raise CLIError(f"--init {path}: no weight of the saved model fits this one")
+    rest = f" (kept as initialized: {', '.join(skipped)})" if skipped else ""
+    return f"initialized {copied} of {len(model.weights)} weights from {path}{rest}"
+
+
+PRETRAINERS = ("mae", "simmim", "dino")
+
+
+def make_pretrainer(method, encoder, overrides):
+    """The trainer of `method` around `encoder`, sized for small images; `overrides` set any
+    of its constructor arguments."""
+    from vitkit.trainers.dino import Dino
+    from vitkit.trainers.mae import MAE
+    from vitkit.trainers.simmim import SimMIM
+
+    if method == "mae":
+        width = max(16, getattr(encoder, "dim", 32) // 2)  # the encoder's, halved
+        config = dict(decoder_dim=width, decoder_depth=1, decoder_heads=4)
+        cls, config = MAE, dict(config, decoder_dim_head=width // 4, encoder=encoder)
+    elif method == "simmim":
+        cls, config = SimMIM, dict(encoder=encoder)
+    else:
+        config = dict(projection_hidden_size=128, num_classes_K=256, projection_layers=3)
+        cls, config = Dino, dict(config, net=encoder, image_size=encoder.default_image_hw)
+    try:
+        return cls(**{**config, **overrides})
+    except (TypeError, ValueError) as err:
+        raise CLIError(
+            f"cannot build {cls.__name__} around {type(encoder).__name__}: {err}"
+        ) from None
+
+
+def cmd_pretrain(args):
+    import keras
+
+    data = load_dataset(args.dataset, args.image_size, 1 if args.grayscale else 3, args.seed)
+    spec, config = model_config(
+        args.encoder, len(data.class_names), data.channels, args.image_size, _parse_sets(args.set)
+    )
+    try:
+        encoder = spec.cls(**config)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"cannot build {args.encoder}: {err}") from None
+    keras.utils.set_random_seed(args.seed)
+    encoder.build_default()
+    trainer = make_pretrainer(args.method, encoder, _parse_sets(args.trainer_set))
+    trainer.build_default()
+    # Pre-training sees the training images only, without their labels.
+    images = data.x_train[: args.limit] if args.limit else data.x_train
+    images = fit_data_to_model(images, encoder)
+    trainer.compile(
+        optimizer=keras.optimizers.AdamW(args.lr, weight_decay=args.weight_decay),
+        jit_compile="auto" if args.jit else False,
+    )
+    print(
+        f"pre-training {type(encoder).__name__} ({args.encoder}) with {type(trainer).__name__} "
+        f"on {len(images)} unlabelled {args.dataset} images, backend {keras.config.backend()}"
+    )
+    start = time.time()
+    history = trainer.fit(
+        images, batch_size=args.batch_size, epochs=args.epochs, verbose=args.verbose
+    ).history
+    seconds = time.time() - start
+    out = Path(args.out or Path("runs") / f"{args.method}_{args.encoder}")
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.save(out / "encoder.keras")
+    losses = [float(v) for v in history["loss"]]
+    metrics = {
+        "method": args.method,
+        "encoder": args.encoder,
+        "backend": keras.config.backend(),
+        "loss": losses,
+        "train_seconds": round(seconds, 1),
+        "config": config,
+    }
+    (out / "pretrain.json").write_text(json.dumps(metrics, indent=1, default=str))
+    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {seconds:.0f} s")
+    print(
+        f"saved {out / 'encoder.keras'}; fine-tune it: vitkit train {args.encoder} --init "
+        f"{out / 'encoder.keras'}"
+    )
+
+
 def cmd_evaluate(args):
     model = load_model(args.model_file)
     data = load_dataset(args.dataset, model.default_image_hw, model.input_channels, args.seed)
@@ -277,6 +386,23 @@ def cmd_export(args):
     model = load_model(args.model_file)
     path = export(model, args.out, format=args.format)
     print(f"exported {type(model).__name__} to {path} ({args.format})")
+
+
+def cmd_attention(args):
+    from vitkit.attention_map import attention_heatmap, read_picture, save_overlay
+    from vitkit.data import read_image
+
+    model = load_model(args.model_file)
+    if not Path(args.image).is_file():
+        raise CLIError(f"image {args.image} does not exist")
+    x = read_image(args.image, model.default_image_hw, model.input_channels)[None]
+    try:
+        heat = attention_heatmap(model, fit_data_to_model(x, model))
+    except ValueError as err:
+        raise CLIError(f"cannot picture the attention of {args.model_file}: {err}") from None
+    title = f"{type(model).__name__}: attention rollout"
+    save_overlay(read_picture(args.image), heat[0], args.out, title=title)
+    print(f"saved the attention map of {args.image} to {args.out}")
 
 
 # Entry point ------------------------------------------------------------------------------
@@ -341,7 +467,41 @@ def build_parser():
         choices=(0, 1, 2),
         help="Keras' fit verbosity (1: progress bar)",
     )
+    train.add_argument(
+        "--init",
+        default=None,
+        metavar="FILE",
+        help="start from the weights of this .keras file (e.g. a pre-trained encoder)",
+    )
     train.set_defaults(run=cmd_train)
+
+    pretrain = commands.add_parser(
+        "pretrain", help="self-supervised pre-training of an encoder (MAE, SimMIM, DINO)"
+    )
+    pretrain.add_argument("method", choices=PRETRAINERS)
+    pretrain.add_argument("encoder", help="architecture (e.g. vit) or preset name")
+    pretrain.add_argument("--dataset", default="digits", help="as for train; labels unused")
+    pretrain.add_argument("--epochs", type=int, default=10)
+    pretrain.add_argument("--batch-size", type=int, default=64)
+    pretrain.add_argument("--lr", type=float, default=1e-3)
+    pretrain.add_argument("--weight-decay", type=float, default=0.05)
+    pretrain.add_argument("--image-size", type=int, default=None)
+    pretrain.add_argument("--grayscale", action="store_true")
+    pretrain.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="an encoder argument (repeatable)"
+    )
+    pretrain.add_argument(
+        "--trainer-set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a trainer argument, e.g. --trainer-set masking_ratio=0.5 (repeatable)",
+    )
+    pretrain.add_argument("--out", default=None, help="output folder (default runs/METHOD_ENCODER)")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--limit", type=int, default=None, help="use at most this many images")
+    pretrain.add_argument("--no-jit", dest="jit", action="store_false")
+    pretrain.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    pretrain.set_defaults(run=cmd_pretrain)
 
     evaluate = commands.add_parser("evaluate", help="accuracy on a dataset's held-out split")
     evaluate.add_argument("model_file")
@@ -359,6 +519,14 @@ def build_parser():
     export.add_argument("--format", choices=("tf_saved_model", "onnx"), default="onnx")
     export.add_argument("--out", required=True)
     export.set_defaults(run=cmd_export)
+
+    attention = commands.add_parser(
+        "attention", help="picture where a ViT looks: class-token attention rollout"
+    )
+    attention.add_argument("model_file")
+    attention.add_argument("image")
+    attention.add_argument("--out", default="attention.png", help="the picture to write")
+    attention.set_defaults(run=cmd_attention)
     return parser
 
 
