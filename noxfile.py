@@ -39,6 +39,7 @@ def run_tests(session, backend):
         "loadgroup",
         "-p",
         "no:cacheprovider",
+        "--durations=25",  # where CI's time goes, in every log
         *session.posargs,
         env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
@@ -67,3 +68,13 @@ def docs(session):
     """Build the mkdocs-material site, warnings as errors."""
     session.install("mkdocs>=1.6", "mkdocs-material>=9.5")
     session.run("mkdocs", "build", "--strict", "--site-dir", "site")
+
+
+@nox.session
+def bench(session):
+    """vitkit on JAX, PyTorch and TensorFlow against vit-pytorch eager: one table, and JSON in
+    bench/results.json (`nox -s bench -- --workload vit_s16 --repeats 10` passes options)."""
+    session.install(TORCH)
+    session.install("-e", ".", "jax[cpu]", "tensorflow-cpu")
+    session.install("--no-deps", REFERENCE)
+    session.run("python", "-m", "vitkit.bench", *session.posargs)

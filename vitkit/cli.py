@@ -6,6 +6,7 @@
     vitkit predict runs/simple_vit/model.keras image.png
     vitkit export runs/simple_vit/model.keras --format onnx --out model.onnx
     vitkit attention runs/vit/model.keras image.png --out attn.png
+    vitkit bench --workload vit_s16
     vitkit list
 
 Runs on whatever `KERAS_BACKEND` names. Errors are one line on stderr and a non-zero exit;
@@ -405,6 +406,14 @@ def cmd_attention(args):
     print(f"saved the attention map of {args.image} to {args.out}")
 
 
+def cmd_bench(args):
+    from vitkit import bench
+
+    code = bench.main(args.options)
+    if code:
+        raise CLIError(f"the benchmark failed (exit status {code})")
+
+
 # Entry point ------------------------------------------------------------------------------
 
 
@@ -519,6 +528,14 @@ def build_parser():
     export.add_argument("--format", choices=("tf_saved_model", "onnx"), default="onnx")
     export.add_argument("--out", required=True)
     export.set_defaults(run=cmd_export)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time vitkit on every backend against vit-pytorch (see vitkit.bench)",
+        add_help=False,
+    )
+    bench.add_argument("options", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=cmd_bench)
 
     attention = commands.add_parser(
         "attention", help="picture where a ViT looks: class-token attention rollout"

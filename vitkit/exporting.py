@@ -15,6 +15,7 @@ model's configured one unless `input_shape` says otherwise.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -60,11 +61,21 @@ def _native(model, path, format, input_shape):
     )
 
 
-def _via_tensorflow(model, path, format, input_shape):
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp) / "model.keras"
-        model.save(source)
-        shape = json.dumps(list(input_shape) if input_shape else None)
+class _TensorFlowWorker:
+    """One long-lived Python process with `KERAS_BACKEND=tensorflow` that exports the `.keras`
+    files it is sent, one JSON line per request and per reply: TensorFlow, Keras and vitkit
+    are imported once per session instead of once per export (seconds each)."""
+
+    _running = None
+
+    @classmethod
+    def get(cls):
+        worker = cls._running
+        if worker is None or worker.process.poll() is not None:
+            worker = cls._running = cls()
+        return worker
+
+    def __init__(self):
         # The child imports this same vitkit, installed or not.
         package_root = str(Path(__file__).resolve().parent.parent)
         pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
@@ -74,12 +85,52 @@ def _via_tensorflow(model, path, format, input_shape):
             "TF_CPP_MIN_LOG_LEVEL": "3",
             "PYTHONPATH": pythonpath,
         }
-        command = [sys.executable, "-m", "vitkit.exporting", str(source), str(path), format, shape]
-        result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        # its chatter, kept for the worker's lifetime; replies come on stdout
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vitkit.exporting", "--serve"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+        atexit.register(self.close)
+
+    def export(self, source, path, format, shape) -> str | None:
+        """Export; None if it worked, else the error's last line."""
+        request = dict(source=str(source), path=str(path), format=format, shape=shape)
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            reply = self.process.stdout.readline()
+        except (BrokenPipeError, OSError):
+            reply = ""
+        if not reply:  # the worker died: its last words are in its log
+            self.log.seek(0)
+            lines = self.log.read().strip().splitlines() or ["the TensorFlow process died"]
+            return lines[-1]
+        return json.loads(reply)["error"]
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.log.close()
+
+
+def _via_tensorflow(model, path, format, input_shape):
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "model.keras"
+        model.save(source)
+        shape = list(input_shape) if input_shape else None
+        error = _TensorFlowWorker.get().export(source, Path(path).resolve(), format, shape)
+    if error is not None:
         raise ExportError(
-            f"exporting {type(model).__name__} to {format} through TensorFlow failed: {last}"
+            f"exporting {type(model).__name__} to {format} through TensorFlow failed: {error}"
         )
 
 
@@ -121,14 +172,28 @@ def export(model, path, format="tf_saved_model", input_shape=None):
     return path
 
 
-def _child(source, path, format, shape):
-    """The TensorFlow side of `_via_tensorflow`."""
-    import vitkit.models  # noqa: F401  (registers the classes the file names)
+def _serve():
+    """The TensorFlow side of `_via_tensorflow`: one request per line on stdin, one reply per
+    line on stdout (`{"error": null}` or the error's last line)."""
+    import traceback
 
-    model = keras.saving.load_model(source, safe_mode=True)
-    shape = json.loads(shape)
-    _native(model, path, format, shape)
+    import vitkit.models  # noqa: F401  (registers the classes the files name)
+
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever else writes to stdout (TensorFlow, tf2onnx) goes to the log
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            model = keras.saving.load_model(request["source"], safe_mode=True)
+            _native(model, request["path"], request["format"], request["shape"])
+            error = None
+        except Exception as err:  # reported to the parent, which raises ExportError
+            traceback.print_exc()
+            error = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        keras.utils.clear_session()
+        replies.write(json.dumps({"error": error}) + "\n")
+        replies.flush()
 
 
-if __name__ == "__main__":
-    _child(*sys.argv[1:5])
+if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    _serve()

@@ -1,0 +1,30 @@
+"""`vitkit bench` measures this backend against vit-pytorch on the same weights (a tiny
+workload here: the test checks the pipeline and its report, not the speed)."""
+
+from __future__ import annotations
+
+import json
+
+from backends_tests.helpers import BACKEND
+from vitkit import bench, cli
+
+
+def test_benchmark_runs_vitkit_and_vit_pytorch_on_the_same_weights(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    args = ["bench", "--workload", "vit_tiny", "--backend", BACKEND, "--warmup", "1"]
+    assert cli.main([*args, "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    entry = report["workloads"]["vit_tiny"]
+    runs = entry["runs"]
+    assert set(runs) == {"vit-pytorch", f"vitkit-{BACKEND}"}
+    for who, run in runs.items():
+        assert "error" not in run, (who, run)
+        for task in ("infer_b1", "infer_b8", "train_b8"):
+            assert 0 < run[task] < 60, (who, task, run[task])
+        assert run["peak_rss_mib"] > 100
+        assert run["rel_err"] < 1e-4, (who, run["rel_err"])  # the same model, the same numbers
+    assert entry["flops_per_image"]["train"] > 2 * entry["flops_per_image"]["forward"] > 0
+    assert report["machine"]["matmul_peak_gflops"] > 0
+    table = capsys.readouterr().out
+    assert f"vitkit-{BACKEND}" in table and "vs ref" in table and "wrote" in table
+    assert bench.table(report).splitlines()[0] in table
