@@ -406,14 +406,6 @@ def cmd_attention(args):
     print(f"saved the attention map of {args.image} to {args.out}")
 
 
-def cmd_bench(args):
-    from vitkit import bench
-
-    code = bench.main(args.options)
-    if code:
-        raise CLIError(f"the benchmark failed (exit status {code})")
-
-
 # Entry point ------------------------------------------------------------------------------
 
 
@@ -529,13 +521,10 @@ def build_parser():
     export.add_argument("--out", required=True)
     export.set_defaults(run=cmd_export)
 
-    bench = commands.add_parser(
-        "bench",
-        help="time vitkit on every backend against vit-pytorch (see vitkit.bench)",
-        add_help=False,
+    # listed for --help; `main` hands `vitkit bench ...` to vitkit.bench before parsing
+    commands.add_parser(
+        "bench", help="time vitkit on every backend against vit-pytorch (vitkit bench --help)"
     )
-    bench.add_argument("options", nargs=argparse.REMAINDER)
-    bench.set_defaults(run=cmd_bench)
 
     attention = commands.add_parser(
         "attention", help="picture where a ViT looks: class-token attention rollout"
@@ -548,6 +537,11 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["bench"]:  # its own options: argparse's REMAINDER drops leading flags
+        from vitkit import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
