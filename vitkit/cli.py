@@ -156,23 +156,32 @@ def save_curves(history, path):
     plt.close(fig)
 
 
+def dataset_and_model(args, name):
+    """The dataset `args` name and the model `name` built for it (`--set` applied, weights
+    drawn after seeding): `(data, config, model)`. Everything a user can get wrong is checked
+    before the backend starts computing."""
+    import keras
+
+    data = load_dataset(args.dataset, args.image_size, 1 if args.grayscale else 3, args.seed)
+    spec, config = model_config(
+        name, len(data.class_names), data.channels, args.image_size, _parse_sets(args.set)
+    )
+    try:
+        model = spec.cls(**config)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"cannot build {name}: {err}") from None
+    keras.utils.set_random_seed(args.seed)  # before the weights are drawn
+    model.build_default()
+    return data, config, model
+
+
 def cmd_train(args):
     import keras
     import numpy as np
 
     from vitkit.data import augmented_batches
 
-    # Everything a user can get wrong is checked before the backend starts up.
-    data = load_dataset(args.dataset, args.image_size, 1 if args.grayscale else 3, args.seed)
-    spec, config = model_config(
-        args.model, len(data.class_names), data.channels, args.image_size, _parse_sets(args.set)
-    )
-    try:
-        model = spec.cls(**config)
-    except (TypeError, ValueError) as err:
-        raise CLIError(f"cannot build {args.model}: {err}") from None
-    keras.utils.set_random_seed(args.seed)  # before the weights are drawn
-    model.build_default()
+    data, config, model = dataset_and_model(args, args.model)
     if args.init:
         print(initialize_from(model, args.init))
     if args.limit:
@@ -300,16 +309,7 @@ def make_pretrainer(method, encoder, overrides):
 def cmd_pretrain(args):
     import keras
 
-    data = load_dataset(args.dataset, args.image_size, 1 if args.grayscale else 3, args.seed)
-    spec, config = model_config(
-        args.encoder, len(data.class_names), data.channels, args.image_size, _parse_sets(args.set)
-    )
-    try:
-        encoder = spec.cls(**config)
-    except (TypeError, ValueError) as err:
-        raise CLIError(f"cannot build {args.encoder}: {err}") from None
-    keras.utils.set_random_seed(args.seed)
-    encoder.build_default()
+    data, config, encoder = dataset_and_model(args, args.encoder)
     trainer = make_pretrainer(args.method, encoder, _parse_sets(args.trainer_set))
     trainer.build_default()
     # Pre-training sees the training images only, without their labels.

@@ -132,6 +132,10 @@ class MaskedImageModeling(Trainer):
         encoder = self.encoder_model
         return encoder.patch_hw[0] * encoder.patch_hw[1] * encoder.input_channels
 
+    def pixel_head(self):
+        """The linear layer from a token to a patch's pixels (MAE's and SimMIM's `to_pixels`)."""
+        return keras.layers.Dense(self.patch_pixels(), dtype=self.dtype_policy, name="to_pixels")
+
     def patch_to_emb_state_map(self):
         """vit-pytorch's trainers hold the encoder's patch LayerNorm, Linear and LayerNorm a
         second time, as `patch_to_emb.0-2`: the same weights."""

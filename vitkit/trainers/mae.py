@@ -76,9 +76,7 @@ class MAE(MaskedImageModeling):
             dtype=policy,
             name="decoder",
         )
-        self.to_pixels = keras.layers.Dense(
-            self.patch_pixels(), dtype=self.dtype_policy, name="to_pixels"
-        )
+        self.to_pixels = self.pixel_head()
 
     def build(self, input_shape):
         encoder = self.encoder

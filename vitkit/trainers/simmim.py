@@ -42,9 +42,7 @@ class SimMIM(MaskedImageModeling):
             masking_ratio=between(0, 1),
         )
         self.num_masked = self.masked_count(masking_ratio)
-        self.to_pixels = keras.layers.Dense(
-            self.patch_pixels(), dtype=self.dtype_policy, name="to_pixels"
-        )
+        self.to_pixels = self.pixel_head()
 
     def build(self, input_shape):
         encoder = self.encoder
