@@ -1,5 +1,6 @@
 """Shared fixtures. The backend is whatever KERAS_BACKEND names (nox sets it per session)."""
 
+import gc
 import importlib.util
 import os
 import sys
@@ -15,6 +16,10 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# The tests' models are tiny: compiling them costs far more than running them, and XLA's
+# optimization passes were a quarter of the JAX session (the benchmark measures speed, with
+# every optimization on). Set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to test the optimized programs.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several workers share the cores: one compute thread each. torch's OpenMP pool spin-waits,
@@ -45,10 +50,22 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def collect_garbage():
+    """Python's garbage collection once per test module: `clear_session` runs it by default,
+    and over the heap a JAX worker builds up that took 0.6 s before every test. JAX's
+    in-memory programs go too (a worker grew past 6 GB; the disk cache keeps them)."""
+    gc.collect()
+    if keras.config.backend() == "jax":
+        import jax
+
+        jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
-def fresh_keras_state():
+def fresh_keras_state(collect_garbage):
     """Each test starts from a clean Keras session and a fixed seed."""
-    keras.utils.clear_session()
+    keras.utils.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     yield
     keras.config.set_dtype_policy("float32")
