@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import sys
 import time
@@ -181,12 +182,22 @@ def cmd_train(args):
 
     from vitkit.data import augmented_batches
 
+    shards = use_distribution(args)  # before any weight exists: they are created sharded
     data, config, model = dataset_and_model(args, args.model)
     if args.init:
         print(initialize_from(model, args.init))
     if args.limit:
         data.x_train, data.y_train = data.x_train[: args.limit], data.y_train[: args.limit]
         data.x_test, data.y_test = data.x_test[: args.limit], data.y_test[: args.limit]
+    if shards > 1:  # every batch, the last one too, must split evenly over the batch axis
+        dropped = len(data.x_train) % shards + len(data.x_test) % shards
+        for split in ("train", "test"):
+            x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+            keep = len(x) - len(x) % shards
+            setattr(data, f"x_{split}", x[:keep])
+            setattr(data, f"y_{split}", y[:keep])
+        if dropped:
+            print(f"{dropped} images left out: each split must divide by the {shards} shards")
     x_train = fit_data_to_model(data.x_train, model)
     x_test = fit_data_to_model(data.x_test, model)
 
@@ -250,6 +261,34 @@ def cmd_train(args):
     save_curves(history, out / "training_curves.png")
     print(f"test accuracy: {test['accuracy']:.4f} (loss {test['loss']:.4f}) in {seconds:.0f} s")
     print(f"saved {out / 'model.keras'} and {out / 'training_curves.png'}")
+
+
+def use_distribution(args) -> int:
+    """Set the global Keras distribution that `--distribute` names (JAX); the number of
+    shards each batch is split into (1 without one)."""
+    if not args.distribute:
+        return 1
+    import keras
+
+    from vitkit.distribution import BATCH_AXIS, distribution_for
+
+    try:
+        distribution = distribution_for(args.distribute, args.model_size)
+    except ValueError as err:
+        raise CLIError(f"--distribute {args.distribute}: {err}") from None
+    mesh = distribution.device_mesh
+    shards = mesh.shape[list(mesh.axis_names).index(BATCH_AXIS)]
+    if args.batch_size % shards:
+        raise CLIError(
+            f"--batch-size {args.batch_size} must divide by the {shards} devices on the "
+            "batch axis of the device mesh"
+        )
+    keras.distribution.set_distribution(distribution)
+    print(
+        f"distributed ({args.distribute} parallel) over {math.prod(mesh.shape)} devices, "
+        f"mesh {dict(zip(mesh.axis_names, mesh.shape))}"
+    )
+    return shards
 
 
 def initialize_from(model, path) -> str:
@@ -473,6 +512,19 @@ def build_parser():
         default=None,
         metavar="FILE",
         help="start from the weights of this .keras file (e.g. a pre-trained encoder)",
+    )
+    train.add_argument(
+        "--distribute",
+        choices=("data", "model"),
+        default=None,
+        help="train over all devices with keras.distribution (JAX): 'data' replicates the "
+        "weights and splits batches, 'model' also splits the attention and MLP kernels",
+    )
+    train.add_argument(
+        "--model-size",
+        type=int,
+        default=None,
+        help="with --distribute model: devices on the model axis (default: all)",
     )
     train.set_defaults(run=cmd_train)
 
