@@ -25,7 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
-BACKENDS = ("jax", "torch", "tensorflow")
+# What each vitkit run measures: (Keras backend, compiled). JAX and TensorFlow compile with XLA
+# (`jit_compile=True`); torch runs eagerly, and "torch-compile" through `torch.compile`
+# (Keras' `jit_compile=True` on torch: TorchInductor, which needs a C++ compiler).
+RUNS = {
+    "jax": ("jax", True),
+    "torch": ("torch", False),
+    "torch-compile": ("torch", True),
+    "tensorflow": ("tensorflow", True),
+}
 # vit-pytorch module, class and keywords of each workload
 WORKLOADS = {
     "vit_s16": (
@@ -122,7 +130,9 @@ def measure_reference(workload: str, weights: str, warmup: int, repeats: int) ->
     return results
 
 
-def measure_vitkit(workload: str, weights: str, warmup: int, repeats: int) -> dict:
+def measure_vitkit(
+    workload: str, weights: str, warmup: int, repeats: int, jit: bool = True
+) -> dict:
     import keras
     import torch
 
@@ -131,7 +141,6 @@ def measure_vitkit(workload: str, weights: str, warmup: int, repeats: int) -> di
     module, cls, config = WORKLOADS[workload]
     model = getattr(__import__(f"vitkit.models.{module}", fromlist=[cls]), cls)(**config)
     from_vit_pytorch(model, torch.load(weights, weights_only=True))
-    jit = keras.config.backend() != "torch"  # XLA on JAX and TensorFlow; torch runs eagerly
     model.compile(
         optimizer=keras.optimizers.AdamW(1e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -184,7 +193,7 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
 def run_worker(who: str, workload: str, weights: str, warmup: int, repeats: int) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     if who != "reference":
-        env["KERAS_BACKEND"] = who
+        env["KERAS_BACKEND"] = RUNS[who][0]
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     command = [sys.executable, "-m", "vitkit.bench", "--worker", who, "--workload", workload]
@@ -208,8 +217,7 @@ def relative_error(ours, reference) -> float:
 def installed_backends() -> list:
     import importlib.util
 
-    modules = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}
-    return [b for b in BACKENDS if importlib.util.find_spec(modules[b]) is not None]
+    return [run for run, (backend, _) in RUNS.items() if importlib.util.find_spec(backend)]
 
 
 def benchmark(workloads, backends, warmup=2, repeats=5) -> dict:
@@ -247,7 +255,7 @@ def benchmark(workloads, backends, warmup=2, repeats=5) -> dict:
 def table(report) -> str:
     peak = report["machine"]["matmul_peak_gflops"]
     lines = [
-        f"{'workload':10} {'task':9} {'who':18} {'images/s':>9} {'vs ref':>7} {'GFLOP/s':>8} "
+        f"{'workload':10} {'task':9} {'who':20} {'images/s':>9} {'vs ref':>7} {'GFLOP/s':>8} "
         f"{'% peak':>7} {'RSS MiB':>8} {'rel err':>8}"
     ]
     for workload, entry in report["workloads"].items():
@@ -258,13 +266,13 @@ def table(report) -> str:
             work = per_image["train" if task.startswith("train") else "forward"] * batch
             for who, run in runs.items():
                 if "error" in run:
-                    lines.append(f"{workload:10} {task:9} {who:18} error: {run['error'][:60]}")
+                    lines.append(f"{workload:10} {task:9} {who:20} error: {run['error'][:60]}")
                     continue
                 seconds = run[task]
                 ratio = ref[task] / seconds if "error" not in ref else float("nan")
                 gflops = work / seconds / 1e9
                 lines.append(
-                    f"{workload:10} {task:9} {who:18} {batch / seconds:9.2f} {ratio:6.2f}x "
+                    f"{workload:10} {task:9} {who:20} {batch / seconds:9.2f} {ratio:6.2f}x "
                     f"{gflops:8.1f} {100 * gflops / peak:6.1f}% {run['peak_rss_mib']:8.0f} "
                     f"{run.get('rel_err', float('nan')):8.1e}"
                 )
@@ -282,7 +290,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="vitkit bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
-    parser.add_argument("--backend", action="append", choices=BACKENDS)
+    parser.add_argument("--backend", action="append", choices=list(RUNS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results.json")
@@ -293,8 +301,11 @@ def main(argv=None) -> int:
 
     if args.worker:  # one measurement, in this process
         (workload,) = args.workload
-        measure = measure_reference if args.worker == "reference" else measure_vitkit
-        result = measure(workload, args.weights, args.warmup, args.repeats)
+        if args.worker == "reference":
+            result = measure_reference(workload, args.weights, args.warmup, args.repeats)
+        else:
+            jit = RUNS[args.worker][1]
+            result = measure_vitkit(workload, args.weights, args.warmup, args.repeats, jit)
         result["peak_rss_mib"] = peak_rss_mib()
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
