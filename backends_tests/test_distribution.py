@@ -115,6 +115,19 @@ def four_devices_env():
     }
 
 
+def on_four_devices(code):
+    """Run `code` in a JAX process with 4 CPU devices; the JSON its last line prints."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=four_devices_env(),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def run_cli(*args, env):
     return subprocess.run(
         [sys.executable, "-m", "vitkit", *map(str, args)],
@@ -128,15 +141,7 @@ def run_cli(*args, env):
 if BACKEND == "jax":
 
     def test_sharded_training_gives_the_single_device_losses():
-        result = subprocess.run(
-            [sys.executable, "-c", SCRIPT],
-            capture_output=True,
-            text=True,
-            env=four_devices_env(),
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs = json.loads(result.stdout.strip().splitlines()[-1])
+        runs = on_four_devices(SCRIPT)
         assert runs["devices"] == 4
         single = runs["single"]["losses"]
         for mode in ("data", "model_2x2", "model_1x4"):
@@ -169,15 +174,7 @@ if BACKEND == "jax":
             print(json.dumps(dist.replicated))
             """
         )
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            env=four_devices_env(),
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        replicated = json.loads(result.stdout.strip().splitlines()[-1])
+        replicated = on_four_devices(code)
         # to_qkv (45 outputs) and to_out (15 inputs) stay whole; the MLP (32) splits.
         assert sorted(p.split("/")[-2] for p in replicated) == ["to_out", "to_qkv"], replicated
 
