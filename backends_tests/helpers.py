@@ -202,3 +202,24 @@ def template_task(model, classes, samples=96, seed=0):
     labels = rng.integers(0, classes, size=samples)
     noise = rng.normal(size=(samples, *templates.shape[1:]))
     return (templates[labels] + 0.5 * noise).astype("float32"), labels.astype("int32")
+
+
+def jit_forward(model):
+    """The inference pass compiled as a user compiles it: `jax.jit`, `tf.function` with XLA,
+    `torch.compile` (graph breaks allowed, as in Keras' own `jit_compile` on torch). Shapes and
+    dtypes come from each call, not from a fixed signature, so bad inputs reach the model."""
+    if BACKEND == "jax":
+        import jax
+
+        tv = [v.value for v in model.trainable_variables]
+        ntv = [v.value for v in model.non_trainable_variables]
+        forward = jax.jit(lambda x: model.stateless_call(tv, ntv, x, training=False)[0])
+        return forward
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x: model(x, training=False), jit_compile=True)
+    import torch
+
+    compiled = torch.compile(lambda x: model(x, training=False), backend="aot_eager")
+    return lambda x: compiled(torch.as_tensor(x) if isinstance(x, np.ndarray) else x)

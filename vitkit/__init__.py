@@ -21,11 +21,13 @@ from vitkit.registry import (  # noqa: E402
     list_presets,
     register_model,
 )
+from vitkit.saving import CheckpointError, load_model  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "CheckpointError",
     "ExportError",
     "Extractor",
     "Recorder",
@@ -36,6 +38,7 @@ __all__ = [
     "layers",
     "list_models",
     "list_presets",
+    "load_model",
     "models",
     "register_model",
 ]

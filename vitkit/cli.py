@@ -104,23 +104,14 @@ def load_dataset(dataset, image_size, channels, seed):
 
 
 def load_model(path):
-    """A `.keras` file, loaded safely; a clear error for anything else."""
-    import zipfile
+    """A `.keras` file, loaded in safe mode; one clear line for anything else."""
+    from vitkit.saving import CheckpointError
+    from vitkit.saving import load_model as load_safely
 
-    import keras
-
-    import vitkit  # noqa: F401  (registers the classes)
-
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"model file {path} does not exist")
-    if not zipfile.is_zipfile(path):
-        raise CLIError(f"{path} is not a .keras file (not a zip archive)")
     try:
-        return keras.saving.load_model(path, safe_mode=True)
-    except Exception as err:  # Keras raises many types for a bad file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CLIError(f"cannot load {path}: {first}") from None
+        return load_safely(path)
+    except CheckpointError as err:
+        raise CLIError(str(err)) from None
 
 
 # Commands -------------------------------------------------------------------------------
@@ -167,11 +158,13 @@ def dataset_and_model(args, name):
     spec, config = model_config(
         name, len(data.class_names), data.channels, args.image_size, _parse_sets(args.set)
     )
+    # Before the model exists: its dropout layers take their seeds when constructed, its
+    # weights when built.
+    keras.utils.set_random_seed(args.seed)
     try:
         model = spec.cls(**config)
     except (TypeError, ValueError) as err:
         raise CLIError(f"cannot build {name}: {err}") from None
-    keras.utils.set_random_seed(args.seed)  # before the weights are drawn
     model.build_default()
     return data, config, model
 
@@ -200,9 +193,14 @@ def cmd_train(args):
             print(f"{dropped} images left out: each split must divide by the {shards} shards")
     x_train = fit_data_to_model(data.x_train, model)
     x_test = fit_data_to_model(data.x_test, model)
+    for split, x in (("training", x_train), ("test", x_test)):
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            raise CLIError(f"the {split} images hold {bad} NaN or Inf values: fix the data")
 
     out = Path(args.out or Path("runs") / args.model)
     out.mkdir(parents=True, exist_ok=True)
+    callbacks = fault_tolerance(out)
     steps = args.epochs * -(-(len(x_train) - len(x_train[::10])) // args.batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, steps, warmup_target=args.lr, warmup_steps=max(1, steps // 10)
@@ -238,15 +236,28 @@ def cmd_train(args):
     else:
         fit_args = dict(x=x_fit, y=y_fit, batch_size=args.batch_size)
     start = time.time()
-    history = model.fit(
-        **fit_args, validation_data=(x_val, y_val), epochs=args.epochs, verbose=args.verbose
-    ).history
+    model.fit(
+        **fit_args,
+        validation_data=(x_val, y_val),
+        epochs=args.epochs,
+        verbose=args.verbose,
+        callbacks=callbacks,
+    )
     seconds = time.time() - start
+    stop = callbacks[0]
+    if stop.stopped_at is not None:
+        epoch, batch = stop.stopped_at
+        raise CLIError(
+            f"training stopped at epoch {epoch + 1}, batch {batch + 1}: the loss became NaN or "
+            f"Inf (a learning rate too high?); nothing saved, the last good epoch's backup "
+            f"stays in {out / 'backup'}"
+        )
     test = model.evaluate(x_test, data.y_test, verbose=0, return_dict=True)
 
     model.save(out / "model.keras")
     (out / "classes.json").write_text(json.dumps(data.class_names))
-    history = {k: [float(v) for v in vals] for k, vals in history.items()}
+    rows = read_epoch_log(out / "history.jsonl")  # every epoch, those before a resume too
+    history = {k: [row[k] for row in rows] for k in rows[0] if k != "epoch"}
     (out / "history.json").write_text(json.dumps(history, indent=1))
     metrics = {
         "model": args.model,
@@ -261,6 +272,66 @@ def cmd_train(args):
     save_curves(history, out / "training_curves.png")
     print(f"test accuracy: {test['accuracy']:.4f} (loss {test['loss']:.4f}) in {seconds:.0f} s")
     print(f"saved {out / 'model.keras'} and {out / 'training_curves.png'}")
+
+
+def fault_tolerance(out):
+    """The callbacks that make `vitkit train` survive faults: training stops at the first NaN
+    or Inf loss (`stopped_at` of the first callback says where); after every epoch, its
+    metrics are appended to `out/history.jsonl`, then the weights, the optimizer and the epoch
+    are backed up to `out/backup` (twice over: a kill during the write leaves the previous
+    backup), from which the same command resumes; the backup goes when training ends."""
+    import keras
+
+    class StopOnNaN(keras.callbacks.TerminateOnNaN):
+        """Keras' TerminateOnNaN, remembering where it stopped: `(epoch, batch)`."""
+
+        stopped_at = None
+        epoch = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_batch_end(self, batch, logs=None):
+            super().on_batch_end(batch, logs)
+            if self.model.stop_training and self.stopped_at is None:
+                self.stopped_at = (self.epoch, batch)
+
+    class EpochLog(keras.callbacks.Callback):
+        """One JSON line of metrics per epoch, kept across a resume: the first epoch this run
+        trains (0, or the one after the backup's) drops any line from that epoch on, written
+        by an interrupted run after its last backup."""
+
+        def __init__(self, path):
+            super().__init__()
+            self.path, self.started = path, False
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.started:
+                return
+            self.started = True
+            kept = [row for row in read_epoch_log(self.path) if row["epoch"] < epoch]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            if epoch:
+                print(f"resuming from epoch {epoch + 1}: the backup in {self.path.parent}")
+
+        def on_epoch_end(self, epoch, logs=None):
+            row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return [
+        StopOnNaN(),
+        EpochLog(out / "history.jsonl"),  # before the backup: a kill between the two repeats
+        keras.callbacks.BackupAndRestore(str(out / "backup"), double_checkpoint=True),
+    ]
+
+
+def read_epoch_log(path) -> list[dict]:
+    """The rows `EpochLog` wrote, in order ([] without a file)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def use_distribution(args) -> int:

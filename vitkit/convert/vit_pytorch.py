@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import keras
@@ -34,8 +35,9 @@ def from_vit_pytorch(model, state_dict):
 
     Args:
         model: the vitkit model, built or not, configured as the reference model was.
-        state_dict: `torch_model.state_dict()` (torch tensors or numpy arrays), or the
-            torch module itself.
+        state_dict: `torch_model.state_dict()` (torch tensors or numpy arrays), the torch
+            module itself, or the path of a checkpoint file (`.safetensors`, or a `torch.save`d
+            state dict read with `weights_only=True`: no code in the file runs).
 
     Returns:
         `model`, with every weight replaced.
@@ -44,6 +46,10 @@ def from_vit_pytorch(model, state_dict):
         ValueError: listing every missing, unexpected and mis-shaped key at once; nothing is
             assigned then.
     """
+    if isinstance(state_dict, (str, os.PathLike)):
+        from vitkit.saving import read_state_dict
+
+        state_dict = read_state_dict(state_dict)
     if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
         state_dict = state_dict.state_dict()
     if not isinstance(state_dict, Mapping):

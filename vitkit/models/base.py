@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from vitkit.convert.mapping import Reshaped
@@ -41,6 +42,15 @@ class VitkitModel(ConfigMixin, keras.Model):
         self.data_format = check_choice(
             "data_format", data_format, DATA_FORMATS, type(self).__name__
         )
+
+    def __call__(self, *args, **kwargs):
+        # The input is checked here, before Keras' `__call__`: a numpy array of strings would
+        # fail inside Keras' conversion, and an error raised under `torch.compile` from within
+        # Keras' call wrapper stops dynamo ("Unsupported hasattr call") instead of reaching
+        # the user as our ValueError.
+        if args and hasattr(args[0], "shape") and hasattr(args[0], "dtype"):
+            self.check_input(args[0])
+        return super().__call__(*args, **kwargs)
 
     def arg_rule(self, name: str):
         if name == "num_classes":
@@ -108,9 +118,15 @@ class VitkitModel(ConfigMixin, keras.Model):
             f"({self.data_format}) with {rule}; got {given}."
         )
 
-    def check_images(self, images):
-        """Validate a batch of images against this model (every static dimension is checked,
-        also while tracing under jit) and cast it to the compute dtype."""
+    def check_input(self, images) -> None:
+        """Raise a ValueError naming what is wrong with a batch of images: rank, channels,
+        size or dtype (static dimensions only: it also runs while tracing under jit). Floats
+        and integers (e.g. uint8 pixels) pass; booleans, complex numbers and strings do not."""
+        if isinstance(images, np.ndarray) and images.dtype.kind not in "fiu":
+            self.bad_input("a float or integer dtype", f"a numpy array of dtype {images.dtype}")
+        dtype = keras.backend.standardize_dtype(images.dtype)
+        if not dtype.startswith(("float", "int", "uint", "bfloat")):
+            self.bad_input("a float or integer dtype", f"dtype {dtype}")
         shape = tuple(images.shape)
         if len(shape) != 4:
             self.bad_input("rank 4", f"an input of shape {shape} (rank {len(shape)})")
@@ -121,6 +137,10 @@ class VitkitModel(ConfigMixin, keras.Model):
             )
         if height is not None and width is not None:
             self.check_spatial(height, width)
+
+    def check_images(self, images):
+        """`check_input`, then the images cast to the compute dtype."""
+        self.check_input(images)
         return ops.cast(images, self.compute_dtype)
 
     def default_input_shape(self, batch: int = 1) -> tuple:

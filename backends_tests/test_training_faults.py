@@ -1,0 +1,135 @@
+"""`vitkit train` under faults: a killed run resumes, NaN does not go unnoticed, and the same
+seed gives the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+
+from vitkit import cli, data
+
+EPOCHS = 4
+TRAIN = ["train", "simple_vit", "--epochs", EPOCHS, "--limit", 200, "--batch-size", 10]
+
+
+def command(out):
+    return [sys.executable, "-m", "vitkit", *map(str, TRAIN), "--verbose", "0", "--out", out]
+
+
+def test_a_killed_run_resumes_from_its_last_epoch(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    first = subprocess.Popen(
+        command(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metadata = out / "backup" / "training_metadata.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and first.poll() is None:
+        if metadata.is_file():
+            try:
+                done = json.loads(metadata.read_text())["epoch"]
+            except (ValueError, KeyError):  # being written
+                done = 0
+            if done >= 2:
+                break
+        time.sleep(0.05)
+    assert first.poll() is None, f"the run ended before it could be killed: {first.stderr.read()}"
+    time.sleep(0.3)  # into the third epoch
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    assert not (out / "model.keras").exists()
+    logged = [
+        json.loads(line)["epoch"] for line in (out / "history.jsonl").read_text().splitlines()
+    ]
+    assert logged[:2] == [0, 1]
+
+    second = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = int(second.stdout.split("resuming from epoch ")[1].split(":")[0])
+    assert 3 <= resumed <= EPOCHS, second.stdout  # epochs 1 and 2 are not trained again
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["loss"]) == EPOCHS  # the same number of epochs as an unbroken run
+    rows = [json.loads(line)["epoch"] for line in (out / "history.jsonl").read_text().splitlines()]
+    assert rows == list(range(EPOCHS))
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == EPOCHS
+    assert (out / "model.keras").is_file() and not (out / "backup").exists()
+
+
+def with_nan(load):
+    def load_with_nan(*args, **kwargs):
+        split = load(*args, **kwargs)
+        split.x_train = split.x_train.copy()
+        split.x_train[3, 2, 1] = np.nan
+        return split
+
+    return load_with_nan
+
+
+def test_nan_in_the_images_is_refused(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(data, "load_digits", with_nan(data.load_digits))
+    code = cli.main([*TRAIN, "--verbose", "0", "--out", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "training images hold" in err and "NaN or Inf" in err
+    assert not (tmp_path / "model.keras").exists()
+
+
+def test_a_loss_that_becomes_nan_stops_training(capsys, tmp_path):
+    """Keras' TerminateOnNaN: a learning rate of 1e30 overflows within a few steps."""
+    code = cli.main([*TRAIN, "--lr", "1e30", "--verbose", "0", "--out", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "training stopped at epoch" in err and "NaN or Inf" in err, err
+    assert not (tmp_path / "model.keras").exists()
+
+
+def trained_weights(out):
+    code = cli.main(
+        ["train", "vit", "--epochs", "2", "--limit", "120", "--batch-size", "16"]
+        + ["--augment", "--verbose", "0", "--out", str(out)]
+    )
+    assert code == 0
+    return [
+        np.asarray(keras.ops.convert_to_numpy(w))
+        for w in keras.saving.load_model(out / "model.keras").weights
+    ]
+
+
+def test_the_same_seed_gives_the_same_weights(tmp_path):
+    """Dropout, augmentation and initial weights all come from `--seed`: two runs agree
+    exactly (on torch's CPU too: one thread per test worker, no nondeterministic kernels)."""
+    first = trained_weights(tmp_path / "a")
+    second = trained_weights(tmp_path / "b")
+    assert len(first) == len(second) > 10
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    third = cli.main(
+        [
+            "train",
+            "vit",
+            "--epochs",
+            "2",
+            "--limit",
+            "120",
+            "--batch-size",
+            "16",
+            "--augment",
+            "--seed",
+            "1",
+            "--verbose",
+            "0",
+            "--out",
+            str(tmp_path / "c"),
+        ]
+    )
+    assert third == 0
+    other = keras.saving.load_model(tmp_path / "c" / "model.keras").weights
+    assert any(not np.array_equal(a, keras.ops.convert_to_numpy(b)) for a, b in zip(first, other))
