@@ -3,7 +3,10 @@
 Each backend's session gets its own virtualenv with that backend and the test dependencies:
 torch 2.13.0 and vit-pytorch 1.26.11 (installed with --no-deps) as the numerical reference for
 parity tests, and TensorFlow (CPU) with tf2onnx and onnxruntime, through which every backend
-exports to SavedModel and ONNX. The tests run with KERAS_BACKEND set to the session's backend.
+exports to SavedModel and ONNX. Every session also installs JAX (CPU), so that each has all three
+backends: the checkpoint tests write checkpoints on each backend in a subprocess and load them on
+the session's own. The tests run with KERAS_BACKEND set to the session's backend, spread over
+xdist workers with `--dist load` (no test is pinned to a worker).
 """
 
 import os
@@ -11,32 +14,33 @@ import os
 import nox
 
 BACKENDS = ("jax", "torch", "tensorflow")
-# The backend packages each session installs. torch is pinned: a newer one pulls CUDA wheels.
+# Every session installs all three backends: torch (pinned: a newer one pulls CUDA wheels)
+# first, then JAX, then TensorFlow, which is also the export path of every backend (tf2onnx
+# etc. are in [test]). The checkpoint tests run each backend in a subprocess.
 TORCH = "torch==2.13.0"
-BACKEND_PACKAGES = {"jax": ["jax[cpu]"], "torch": [], "tensorflow": []}
-EXPORT_PACKAGES = ["tensorflow-cpu"]  # the export path of every backend; tf2onnx etc. in [test]
+BACKEND_PACKAGES = ["jax[cpu]"]
+EXPORT_PACKAGES = ["tensorflow-cpu"]
 REFERENCE = "vit-pytorch==1.26.11"
 
 nox.options.sessions = [f"tests-{b}" for b in BACKENDS] + ["lint", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 
-def install_backend(session, backend):
+def install_backends(session):
     session.install(TORCH)  # first, so nothing later resolves a CUDA build
-    packages = BACKEND_PACKAGES[backend]
-    session.install("-e", ".[test]", *packages, *EXPORT_PACKAGES)
+    session.install("-e", ".[test]", *BACKEND_PACKAGES, *EXPORT_PACKAGES)
     session.install("--no-deps", REFERENCE)
 
 
 def run_tests(session, backend):
-    install_backend(session, backend)
+    install_backends(session)
     workers = os.environ.get("VITKIT_TEST_WORKERS", "2")
     session.run(
         "pytest",
         "-n",
         workers,
         "--dist",
-        "loadgroup",
+        "load",  # no test uses xdist_group (which pytest 9.2 + xdist 3.8 ignore anyway)
         "-p",
         "no:cacheprovider",
         "--durations=25",  # where CI's time goes, in every log
