@@ -60,13 +60,16 @@ def check_choice(name: str, value, choices: Iterable[str], owner: str = "") -> s
     return value
 
 
-def check_divisible(image_size, patch_size, owner: str = "") -> tuple[int, int]:
-    """The patch grid (rows, cols) of an image; a ValueError if the patch does not tile it."""
+def check_divisible(
+    image_size, patch_size, owner: str = "", patch_name: str = "patch_size"
+) -> tuple[int, int]:
+    """The patch grid (rows, cols) of an image; a ValueError if the patch does not tile it
+    (`patch_name`: the argument that gave the patch size, for the message)."""
     (ih, iw), (ph, pw) = image_size, patch_size
     if ih % ph or iw % pw:
         where = f"{owner}: " if owner else ""
         raise ValueError(
-            f"{where}`image_size` {tuple(image_size)} must be divisible by `patch_size` "
+            f"{where}`image_size` {tuple(image_size)} must be divisible by `{patch_name}` "
             f"{tuple(patch_size)} in both height and width."
         )
     return ih // ph, iw // pw
@@ -260,9 +263,12 @@ def check_positive(name: str, value, owner: str = "") -> float:
     return value
 
 
-def check_int_tuple(name: str, value, minimum: int = 1, owner: str = "", length=None) -> tuple:
+def check_int_tuple(
+    name: str, value, minimum: int = 1, owner: str = "", length=None, counted_by=None
+) -> tuple:
     """A tuple (or list, as JSON gives it back) of ints >= `minimum`; of `length` items if
-    given (an int or a `range` of allowed lengths)."""
+    given (an int or a `range` of allowed lengths; `counted_by`: the argument that sets it,
+    named in the message too)."""
     where = f"{owner}: " if owner else ""
     allowed = range(length, length + 1) if isinstance(length, int) else length
     if (
@@ -271,6 +277,8 @@ def check_int_tuple(name: str, value, minimum: int = 1, owner: str = "", length=
         or (allowed is not None and len(value) not in allowed)
     ):
         size = "" if allowed is None else f" of {_lengths(allowed)} integers"
+        if counted_by and allowed is not None:
+            size += f" (`{counted_by}` sets how many)"
         raise ValueError(f"{where}`{name}` must be a tuple{size} >= {minimum}; got {value!r}.")
     for v in value:
         check_int(name, v, minimum, owner)

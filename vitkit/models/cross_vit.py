@@ -212,6 +212,7 @@ class ImageEmbedder(VitkitLayer):
     },
     invalid=[
         (dict(sm_patch_size=5), "image_size"),
+        (dict(sm_patch_size=5), "sm_patch_size"),
         (dict(lg_patch_size=0), "lg_patch_size"),
         (dict(sm_dim=0), "sm_dim"),
         (dict(cross_attn_heads=0), "cross_attn_heads"),
@@ -316,7 +317,10 @@ class CrossViT(VitkitModel):
             check_pair("sm_patch_size", sm_patch_size, owner=owner),
             check_pair("lg_patch_size", lg_patch_size, owner=owner),
         )
-        grids = [check_divisible(self.image_hw, p, owner) for p in self.patch_hws]
+        grids = [
+            check_divisible(self.image_hw, p, owner, patch_name=f"{branch}_patch_size")
+            for branch, p in zip(("sm", "lg"), self.patch_hws)
+        ]
 
         policy = self.dtype_policy
         self.sm_embedder, self.lg_embedder = (

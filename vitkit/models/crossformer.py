@@ -223,6 +223,8 @@ class CrossFormerTransformer(VitkitLayer):
         (dict(local_window_size=(2, 2, 0, 1)), "local_window_size"),
         (dict(cross_embed_kernel_sizes=((1, 4), (2,), (2,), (2,))), "cross_embed_kernel_sizes"),
         (dict(cross_embed_strides=0), "cross_embed_strides"),
+        # strides larger than the tiny config's smallest kernels
+        (dict(cross_embed_strides=(1, 1, 2, 2)), "cross_embed_strides"),
         (dict(attn_dropout=1.0), "attn_dropout"),
         (dict(num_classes=0), "num_classes"),
     ],
@@ -318,7 +320,8 @@ class CrossFormer(VitkitModel):
             ):
                 raise ValueError(
                     f"{owner}: `cross_embed_kernel_sizes` must give each stage a tuple of "
-                    f"kernel sides no smaller than its stride ({stride}); got {kernels!r}."
+                    f"kernel sides no smaller than its stride in `cross_embed_strides` "
+                    f"({stride}); got {kernels!r}."
                 )
         for width, kernels in zip(stages["dim"], stages["cross_embed_kernel_sizes"]):
             scales = len(kernels)

@@ -37,6 +37,9 @@ def _transformer(dim, depth, heads, dim_head, mlp_dim):
         (dict(image_size=(24, 21)), "image_size"),
         (dict(pool="max"), "pool"),
         (dict(transformer="transformer"), "transformer"),
+        (dict(dim=16), "dim"),  # the transformer takes 18-wide tokens
+        (dict(transformer=_transformer(dim=18, depth=0, heads=3, dim_head=5, mlp_dim=26)),
+         "transformer"),
         (dict(num_classes=0), "num_classes"),
     ],
     digits=dict(image_size=8, patch_size=2, num_classes=10, dim=64, channels=1,
@@ -100,11 +103,25 @@ class ViT(ViTLayout):
         if isinstance(transformer, dict):
             transformer = dict(transformer, config=dict(transformer.get("config", {})))
             transformer["config"].setdefault("dtype", self.dtype_policy.name)
-            transformer = keras.saving.deserialize_keras_object(transformer)
+            try:
+                transformer = keras.saving.deserialize_keras_object(transformer)
+            except (TypeError, ValueError) as err:
+                # Keras wraps the layer's own message in a TypeError that names no argument.
+                raise ValueError(
+                    f"{owner}: `{name}` is a config that does not build a layer: {err}"
+                ) from None
         if not isinstance(transformer, keras.layers.Layer):
             raise ValueError(
                 f"{owner}: `{name}` must be a Keras layer mapping tokens "
                 f"(b, n, dim) -> (b, n, dim), or its serialized config; got {transformer!r}."
+            )
+        # A layer that states its token width (vitkit's `Transformer`) must take `dim`-wide
+        # tokens; otherwise the first residual sum inside it would fail on a shape.
+        width = getattr(transformer, "dim", None)
+        if isinstance(width, int) and width != self.dim:
+            raise ValueError(
+                f"{owner}: `{name}` takes tokens of width {width}, but `dim` is {self.dim}; "
+                "they must be equal."
             )
         return transformer
 

@@ -264,7 +264,9 @@ class LeViTTransformer(Transformer):
 def _per_stage(name, value, stages, owner):
     """vit-pytorch's `cast_tuple`: an int for every stage, or a tuple padded with its last."""
     if isinstance(value, (tuple, list)):
-        value = check_int_tuple(name, value, owner=owner, length=range(1, stages + 1))
+        value = check_int_tuple(
+            name, value, owner=owner, length=range(1, stages + 1), counted_by="stages"
+        )
         return (*value, *(value[-1],) * (stages - len(value)))
     return (check_int(name, value, owner=owner),) * stages
 
@@ -306,6 +308,7 @@ LEVIT_SIZES = {  # Table 1 of the paper: widths, heads, depths, key width D (val
         (dict(image_size=(32, 40)), "image_size"),
         (dict(dim=(8, 12, 16, 20)), "dim"),
         (dict(stages=0), "stages"),
+        (dict(stages=1), "stages"),  # two `dim`s given
         (dict(num_distill_classes=0), "num_distill_classes"),
         (dict(dim_key=0), "dim_key"),
         (dict(dropout=2.0), "dropout"),

@@ -157,6 +157,7 @@ class Aggregate(VitkitLayer):
         (dict(block_repeats=(1, 1, 1)), "block_repeats"),
         (dict(heads=9), "heads"),
         (dict(num_hierarchies=0), "num_hierarchies"),
+        (dict(num_hierarchies=1), "num_hierarchies"),  # two `block_repeats` given
         (dict(mlp_mult=0), "mlp_mult"),
     ],
     digits=dict(image_size=8, patch_size=1, num_classes=10, dim=32, heads=2, num_hierarchies=2,
@@ -229,7 +230,8 @@ class NesT(VitkitModel):
         self.num_hierarchies = check_int("num_hierarchies", num_hierarchies, owner=owner)
         if isinstance(block_repeats, (tuple, list)):
             self.block_repeats = check_int_tuple("block_repeats", block_repeats, owner=owner,
-                                                 length=num_hierarchies)
+                                                 length=num_hierarchies,
+                                                 counted_by="num_hierarchies")
         else:
             self.block_repeats = check_int("block_repeats", block_repeats, owner=owner)
         self.mlp_mult = check_int("mlp_mult", mlp_mult, owner=owner)

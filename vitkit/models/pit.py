@@ -114,6 +114,7 @@ def _unfolded_linear(kernel_shape):
     invalid=[
         (dict(depth=3), "depth"),
         (dict(heads=(1, 2, 3)), "heads"),
+        (dict(depth=(1,)), "depth"),  # two `heads` given
         (dict(patch_size=1), "patch_size"),
         (dict(image_size=(24, 18)), "image_size"),
         (dict(emb_dropout=1.0), "emb_dropout"),
@@ -180,7 +181,9 @@ class PiT(VitkitModel):
         self.depth = check_int_tuple("depth", depth, owner=owner)
         stages = len(self.depth)
         if isinstance(heads, (tuple, list)):
-            self.heads = check_int_tuple("heads", heads, owner=owner, length=stages)
+            self.heads = check_int_tuple(
+                "heads", heads, owner=owner, length=stages, counted_by="depth"
+            )
         else:
             self.heads = check_int("heads", heads, owner=owner)
         self.mlp_dim = check_int("mlp_dim", mlp_dim, owner=owner)
