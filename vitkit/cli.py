@@ -158,13 +158,14 @@ def dataset_and_model(args, name):
     spec, config = model_config(
         name, len(data.class_names), data.channels, args.image_size, _parse_sets(args.set)
     )
-    # Before the model exists: its dropout layers take their seeds when constructed, its
-    # weights when built.
-    keras.utils.set_random_seed(args.seed)
     try:
-        model = spec.cls(**config)
+        spec.cls(**config)  # a bad configuration is refused before anything else starts
     except (TypeError, ValueError) as err:
         raise CLIError(f"cannot build {name}: {err}") from None
+    # The seed goes before the model is constructed: its dropout layers take their seeds
+    # then, its weights when built.
+    keras.utils.set_random_seed(args.seed)
+    model = spec.cls(**config)
     model.build_default()
     return data, config, model
 
