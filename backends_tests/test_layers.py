@@ -345,3 +345,28 @@ def test_key_mask_matches_vit_pytorch_masked_attention(fusable):
         expected, _, _ = ref(torch.from_numpy(x), mask=torch.from_numpy(mask))
     got = as_numpy(ours(x, key_mask=mask))
     assert rel_err(got[mask], expected.numpy()[mask]) < 1e-5
+
+
+def test_sublayer_shortcut_matches_keras_call_and_keeps_hooks(monkeypatch):
+    """`backend_quirks.call_sublayer` (eager torch skips Keras' `__call__` on Dense,
+    LayerNormalization, Dropout and vitkit blocks) gives Keras' numbers, and a torch forward
+    hook on a sublayer still sees its call (the shortcut steps aside for it)."""
+    from vitkit.layers import backend_quirks
+
+    stack = layers.Transformer(dim=12, depth=2, heads=3, dim_head=5, mlp_dim=17, dropout=0.1)
+    x = keras.ops.convert_to_tensor(np.random.default_rng(3).normal(size=(2, 7, 12)), "float32")
+    fast = as_numpy(stack(x, training=False))
+    monkeypatch.setattr(backend_quirks, "FAST_TORCH_CALLS", False)
+    plain = as_numpy(stack(x, training=False))
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(backend_quirks, "FAST_TORCH_CALLS", True)
+    if keras.config.backend() == "torch":
+        seen = []
+        hook = stack.feed_forwards[1].hidden.register_forward_hook(
+            lambda module, args, out: seen.append(out)
+        )
+        try:
+            np.testing.assert_allclose(as_numpy(stack(x, training=False)), plain, atol=1e-5)
+        finally:
+            hook.remove()
+        assert len(seen) == 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vitkit.layers.backend_quirks import FLASH_ATTENTION
+from vitkit.layers.backend_quirks import FLASH_ATTENTION, call_sublayer
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.utils import integer, optional, rate
 
@@ -171,10 +171,10 @@ class Attention(VitkitLayer):
         if not self.separate_kv:
             if context is not None:
                 raise ValueError(f"{self.name}: `context` needs `separate_kv=True`.")
-            return self.split_with_values(self.to_qkv(x), 3)
+            return self.split_with_values(call_sublayer(self.to_qkv, x), 3)
         source = x if context is None else ops.concatenate([x, context], axis=1)
-        (q,) = self.split_heads(self.to_q(x), 1)
-        k, v = self.split_with_values(self.to_kv(source), 2)
+        (q,) = self.split_heads(call_sublayer(self.to_q, x), 1)
+        k, v = self.split_with_values(call_sublayer(self.to_kv, source), 2)
         return q, k, v
 
     def transform_scores(self, scores):
@@ -204,7 +204,7 @@ class Attention(VitkitLayer):
         if key_mask is not None:
             scores = ops.where(key_mask[:, None, None, :], scores, MASKED_SCORE)
         attn = ops.cast(ops.softmax(scores, axis=-1), q.dtype)
-        attn = self.attn_dropout(attn, training=training)
+        attn = call_sublayer(self.attn_dropout, attn, training=training)
         return self.transform_attention(attn)
 
     def attend(self, q, k, v, bias=None, training=None, key_mask=None):
@@ -235,11 +235,11 @@ class Attention(VitkitLayer):
         out = ops.reshape(out, (-1, shape[1], self.value_dim))
         if self.to_out is None:
             return out
-        return self.out_dropout(self.to_out(out), training=training)
+        return call_sublayer(self.out_dropout, call_sublayer(self.to_out, out), training=training)
 
     def call(self, x, context=None, bias=None, training=None, key_mask=None):
         if self.norm_layer is not None:
-            x = self.norm_layer(x)
+            x = call_sublayer(self.norm_layer, x)
         q, k, v = self.queries_keys_values(x, context)
         out = self.attend(q, k, v, bias=bias, training=training, key_mask=key_mask)
         return self.project(out, training=training)

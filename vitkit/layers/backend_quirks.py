@@ -40,3 +40,88 @@ def _broadcast_add_nchw(x, bias):
 add_channels_first_bias = (
     _bias_add_nchw if keras.config.backend() == "tensorflow" else _broadcast_add_nchw
 )
+
+
+# Calling a sublayer from inside a vitkit layer's `call`.
+# torch: eager torch pays Keras' `Layer.__call__` machinery (input conversion, name scopes,
+# autocast scopes, call-context plumbing, nn.Module's hook dispatch) on every Dense,
+# LayerNormalization and Dropout, a Python cost as large as the ops of a small model at
+# batch 1 (ViT-S/16: 0.83x of vit-pytorch). Where none of that machinery can change the
+# result, call the layer's math directly. JAX and TensorFlow trace the call once, so the
+# overhead is not paid per step there: they keep the plain call.
+# `FAST_TORCH_CALLS = False` turns the shortcut off (for A/B timing and debugging).
+_TORCH = keras.config.backend() == "torch"
+FAST_TORCH_CALLS = True
+
+if _TORCH:
+    import torch
+    import torch.nn.functional as torch_functional
+    from keras.src.backend.common import global_state
+    from keras.src.backend.common.variables import get_autocast_scope
+    from torch.nn.modules import module as torch_module
+
+    def _torch_hooks_active(layer):
+        return bool(
+            layer._forward_hooks
+            or layer._forward_pre_hooks
+            or torch_module._global_forward_hooks
+            or torch_module._global_forward_pre_hooks
+        )
+
+    def _can_skip_call(layer, x):
+        """Whether `layer.__call__(x)` would do nothing beyond `layer.call(x)`."""
+        return (
+            layer.built
+            and type(x) is torch.Tensor
+            and x.dtype is torch.float32
+            and x.device.type != "meta"  # compute_output_spec's symbolic run
+            and getattr(x, "_keras_mask", None) is None
+            and layer.dtype_policy.name == "float32"
+            and "call" not in vars(layer)  # a tap (vitkit.taps) or other instance patch
+            and getattr(layer, "quantization_mode", None) is None
+            and layer._remat_mode is None
+            and layer.activity_regularizer is None
+            and get_autocast_scope() is None
+            and keras.distribution.distribution() is None
+            and not _torch_hooks_active(layer)
+            and layer._call_context_args == {"training"}
+        )
+
+
+def call_sublayer(layer, x, **kwargs):
+    """`layer(x, **kwargs)`, called from inside another layer's `call`; on eager torch,
+    without Keras' per-call machinery when it cannot matter (see `FAST_TORCH_CALLS`)."""
+    if not (_TORCH and FAST_TORCH_CALLS):
+        return layer(x, **kwargs)
+    context = global_state.get_global_attribute("current_call_ctx")
+    if context is None or not _can_skip_call(layer, x):
+        return layer(x, **kwargs)
+    # Keras' training value: the argument, else the enclosing call's, else call()'s default;
+    # Keras leaves it in the call context for the layers called after this one.
+    training = kwargs.pop("training", None)
+    if training is None:
+        training = context.get_value("training")
+    context.set_value("training", training)
+    kind = type(layer)
+    if kind is keras.layers.Dense and not kwargs and not layer.lora_enabled:
+        bias = None if layer.bias is None else layer.bias.value
+        y = torch_functional.linear(x, layer.kernel.value.T, bias)
+        return y if layer.activation is None else layer.activation(y)
+    if (
+        kind is keras.layers.LayerNormalization
+        and not kwargs
+        and not layer.rms_scaling
+        and list(layer.axis) in ([-1], [x.ndim - 1])
+    ):
+        return torch_functional.layer_norm(
+            x,
+            x.shape[-1:],
+            layer.gamma.value if layer.scale else None,
+            layer.beta.value if layer.center else None,
+            layer.epsilon,
+        )
+    if kind is keras.layers.Dropout and not kwargs and (not training or layer.rate == 0):
+        return x
+    if training is not None and layer._call_has_context_arg.get("training", False):
+        kwargs["training"] = training
+    return layer.call(x, **kwargs)

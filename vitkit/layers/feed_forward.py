@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 
 from vitkit.layers.attention import layer_norm
-from vitkit.layers.backend_quirks import GELU
+from vitkit.layers.backend_quirks import GELU, call_sublayer
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.utils import optional, rate
 
@@ -59,9 +59,9 @@ class FeedForward(VitkitLayer):
 
     def call(self, x, training=None):
         if self.norm_layer is not None:
-            x = self.norm_layer(x)
-        x = self.hidden_dropout(self.hidden(x), training=training)
-        return self.out_dropout(self.out(x), training=training)
+            x = call_sublayer(self.norm_layer, x)
+        x = call_sublayer(self.hidden_dropout, call_sublayer(self.hidden, x), training=training)
+        return call_sublayer(self.out_dropout, call_sublayer(self.out, x), training=training)
 
     def vit_pytorch_state_map(self, hidden="net.1", out="net.4", norm="net.0"):
         """Our weights under vit-pytorch's names (indices inside its `nn.Sequential`)."""

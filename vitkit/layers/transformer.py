@@ -7,6 +7,7 @@ from keras import ops
 
 from vitkit.convert.mapping import Reshaped
 from vitkit.layers.attention import Attention, layer_norm
+from vitkit.layers.backend_quirks import call_sublayer
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.feed_forward import FeedForward
 from vitkit.layers.layer_scale import LayerScale, layer_scale_init
@@ -102,9 +103,10 @@ class Transformer(VitkitLayer):
         return y if self.branch_scales is None else self.branch_scales[index][branch](y)
 
     def residual_block(self, index, x, context=None, training=None):
-        y = self.attentions[index](x, context=context, training=training)
+        y = call_sublayer(self.attentions[index], x, context=context, training=training)
         x = self.scale_branch(index, 0, y) + x
-        return self.scale_branch(index, 1, self.feed_forwards[index](x, training=training)) + x
+        y = call_sublayer(self.feed_forwards[index], x, training=training)
+        return self.scale_branch(index, 1, y) + x
 
     def kept_blocks(self, training=None):
         """A `(depth,)` boolean mask of the blocks this forward pass keeps, or None for all.
