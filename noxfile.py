@@ -4,9 +4,10 @@ Each backend's session gets its own virtualenv with that backend and the test de
 torch 2.13.0 and vit-pytorch 1.26.11 (installed with --no-deps) as the numerical reference for
 parity tests, and TensorFlow (CPU) with tf2onnx and onnxruntime, through which every backend
 exports to SavedModel and ONNX. Every session also installs JAX (CPU), so that each has all three
-backends: the checkpoint tests write checkpoints on each backend in a subprocess and load them on
-the session's own. The tests run with KERAS_BACKEND set to the session's backend, spread over
-xdist workers with `--dist load` (no test is pinned to a worker).
+backends: the checkpoint tests write checkpoints on each backend in a subprocess (once per nox
+run, kept under .nox/checkpoint-cache for the later sessions) and load them on the session's
+own. The tests run with KERAS_BACKEND set to the session's backend, spread over xdist workers
+with `--dist load` (no test is pinned to a worker).
 """
 
 import os
@@ -45,7 +46,13 @@ def run_tests(session, backend):
         "no:cacheprovider",
         "--durations=25",  # where CI's time goes, in every log
         *session.posargs,
-        env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        env={
+            "KERAS_BACKEND": backend,
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            # Checkpoints each backend writes (test_checkpoints.py), shared by the sessions
+            # of one nox run: the first writes them, the next ones load them.
+            "VITKIT_CHECKPOINT_CACHE": os.path.abspath(".nox/checkpoint-cache"),
+        },
     )
 
 

@@ -8,6 +8,7 @@ X -> B for every X: the three CI sessions together cover all nine pairs. The fil
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -50,17 +51,38 @@ def write_checkpoints(backend: str, outdir: Path) -> None:
     print(f"{backend} wrote checkpoints in {time.perf_counter() - start:.1f} s")
 
 
+def source_key() -> str:
+    """A digest of what decides the checkpoints' contents: vitkit's source, the writer, and
+    Keras' version (a cached folder written by other code is never reused)."""
+    digest = hashlib.sha256(keras.__version__.encode())
+    files = sorted((REPO / "vitkit").rglob("*.py")) + [
+        Path(__file__).with_name("write_checkpoints.py")
+    ]
+    for path in files:
+        digest.update(str(path.relative_to(REPO)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
 def checkpoint_dirs(tmp_path_factory) -> dict[str, Path]:
     """{backend: folder of its checkpoints}, shared by the xdist workers of one run: each
     folder is written once, by whichever worker takes its lock first. A first pass takes the
     free locks without waiting (so two workers split the three writers), a second waits for
-    the rest; a `done` file marks a complete folder."""
-    base = tmp_path_factory.getbasetemp()
-    # An xdist worker's base is `<run>/popen-gwN`: its parent is the run's, shared by the
-    # workers. Without xdist the base is the run's own (its parent holds every past run).
-    run = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    root = run / "checkpoints-written-by-each-backend"
+    the rest; a `done` file marks a complete folder.
+
+    With `VITKIT_CHECKPOINT_CACHE` (nox sets it to a folder under `.nox/`), the folders are
+    kept there, under a digest of the source, and reused by the next session: the first
+    backend's session writes all three, the others load them."""
+    cache = os.environ.get("VITKIT_CHECKPOINT_CACHE")
+    if cache:
+        root = Path(cache) / source_key()
+    else:
+        base = tmp_path_factory.getbasetemp()
+        # An xdist worker's base is `<run>/popen-gwN`: its parent is the run's, shared by the
+        # workers. Without xdist the base is the run's own (its parent holds every past run).
+        run = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+        root = run / "checkpoints-written-by-each-backend"
     root.mkdir(parents=True, exist_ok=True)
     dirs = {backend: root / backend for backend in BACKENDS}
 

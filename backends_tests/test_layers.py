@@ -357,9 +357,11 @@ def test_sublayer_shortcut_matches_keras_call_and_keeps_hooks(monkeypatch):
     x = keras.ops.convert_to_tensor(np.random.default_rng(3).normal(size=(2, 7, 12)), "float32")
     fast = as_numpy(stack(x, training=False))
     monkeypatch.setattr(backend_quirks, "FAST_TORCH_CALLS", False)
+    monkeypatch.setattr(backend_quirks, "FLAT_JAX_DENSE", False)
     plain = as_numpy(stack(x, training=False))
     np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(backend_quirks, "FAST_TORCH_CALLS", True)
+    monkeypatch.setattr(backend_quirks, "FLAT_JAX_DENSE", True)
     if keras.config.backend() == "torch":
         seen = []
         hook = stack.feed_forwards[1].hidden.register_forward_hook(
@@ -370,3 +372,20 @@ def test_sublayer_shortcut_matches_keras_call_and_keeps_hooks(monkeypatch):
         finally:
             hook.remove()
         assert len(seen) == 1
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 12), (2, 3, 4, 12), (5, 12)])
+def test_dense_on_rows_matches_dense(shape):
+    """JAX's Dense-on-rows (`backend_quirks._dense_on_rows`: `(b, ..., d)` tokens as one
+    `(rows, d)` matmul) gives Dense's numbers and shapes, eagerly and on symbolic inputs
+    whose batch is unknown."""
+    from vitkit.layers.backend_quirks import _dense_on_rows
+
+    dense = keras.layers.Dense(5)
+    x = keras.ops.convert_to_tensor(np.random.default_rng(4).normal(size=shape), "float32")
+    expected = as_numpy(dense(x))
+    got = as_numpy(_dense_on_rows(dense, x))
+    assert got.shape == expected.shape == (*shape[:-1], 5)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    symbolic = _dense_on_rows(dense, keras.Input(shape[1:]))
+    assert tuple(symbolic.shape) == (None, *shape[1:-1], 5)

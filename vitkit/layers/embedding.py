@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from vitkit.layers.attention import layer_norm
+from vitkit.layers.backend_quirks import call_sublayer
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.utils import (
     DATA_FORMATS,
@@ -81,9 +82,9 @@ class PatchEmbedding(VitkitLayer):
         """Raw patch vectors `(b, n, p1*p2*c)` -> tokens `(b, n, dim)` (the masked-image
         trainers edit the patches in between)."""
         if self.patch_norm is not None:
-            patches = self.patch_norm(patches)
-        x = self.proj(patches)
-        return self.token_norm(x) if self.token_norm is not None else x
+            patches = call_sublayer(self.patch_norm, patches)
+        x = call_sublayer(self.proj, patches)
+        return call_sublayer(self.token_norm, x) if self.token_norm is not None else x
 
     def call(self, images):
         return self.embed_patches(self.patchify(images))
