@@ -214,6 +214,19 @@ def relative_error(ours, reference) -> float:
     return float(np.linalg.norm(ours - reference) / max(np.linalg.norm(reference), 1e-12))
 
 
+def cpu_model() -> str:
+    """The CPU's model name where the OS says it (Linux), else "": XLA's and torch's matrix
+    kernels rank differently on different CPUs, so a result needs it."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def installed_backends() -> list:
     import importlib.util
 
@@ -226,7 +239,7 @@ def benchmark(workloads, backends, warmup=2, repeats=5) -> dict:
     report = {
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": cpu_model() or platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "matmul_peak_gflops": round(matmul_peak_gflops(), 1),
