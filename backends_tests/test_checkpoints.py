@@ -9,6 +9,7 @@ X -> B for every X: the three CI sessions together cover all nine pairs. The fil
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -53,8 +54,15 @@ def write_checkpoints(backend: str, outdir: Path) -> None:
 
 def source_key() -> str:
     """A digest of what decides the checkpoints' contents: vitkit's source, the writer, and
-    Keras' version (a cached folder written by other code is never reused)."""
-    digest = hashlib.sha256(keras.__version__.encode())
+    the versions of Keras and the backends (a cached folder written by other code is never
+    reused)."""
+    versions = []
+    for package in ("keras", "jax", "jaxlib", "torch", "tensorflow", "tensorflow-cpu"):
+        try:
+            versions.append(f"{package}=={importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{package} absent")
+    digest = hashlib.sha256(";".join(versions).encode())
     files = sorted((REPO / "vitkit").rglob("*.py")) + [
         Path(__file__).with_name("write_checkpoints.py")
     ]

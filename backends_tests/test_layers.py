@@ -349,8 +349,10 @@ def test_key_mask_matches_vit_pytorch_masked_attention(fusable):
 
 def test_sublayer_shortcut_matches_keras_call_and_keeps_hooks(monkeypatch):
     """`backend_quirks.call_sublayer` (eager torch skips Keras' `__call__` on Dense,
-    LayerNormalization, Dropout and vitkit blocks) gives Keras' numbers, and a torch forward
-    hook on a sublayer still sees its call (the shortcut steps aside for it)."""
+    LayerNormalization, Dropout and vitkit blocks; JAX runs Dense on rows) gives Keras'
+    numbers, and a torch forward hook on a sublayer still sees its call (the shortcut steps
+    aside for it). TensorFlow has no shortcut: there both runs are the plain call, and
+    `test_dense_on_rows_matches_dense` checks the JAX path's function on every backend."""
     from vitkit.layers import backend_quirks
 
     stack = layers.Transformer(dim=12, depth=2, heads=3, dim_head=5, mlp_dim=17, dropout=0.1)
