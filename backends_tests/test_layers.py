@@ -391,3 +391,25 @@ def test_dense_on_rows_matches_dense(shape):
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     symbolic = _dense_on_rows(dense, keras.Input(shape[1:]))
     assert tuple(symbolic.shape) == (None, *shape[1:-1], 5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dot_product_attention_matches_softmax_attention(with_bias):
+    """`backend_quirks.dot_product_attention` (heads-first products on JAX's CPU, Keras'
+    op elsewhere) is softmax(q k^T * scale + bias) v on `(b, n, h, d)` inputs, with queries
+    and keys of different lengths."""
+    from vitkit.layers.backend_quirks import dot_product_attention
+
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.normal(size=(2, n, 3, 4)).astype("float32") for n in (5, 7, 7))
+    bias = rng.normal(size=(1, 3, 5, 7)).astype("float32") if with_bias else None
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) * 0.3 + (0.0 if bias is None else bias)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = np.einsum("bhqk,bkhd->bqhd", weights, v)
+    got = dot_product_attention(
+        *(keras.ops.convert_to_tensor(t) for t in (q, k, v)),
+        bias=None if bias is None else keras.ops.convert_to_tensor(bias),
+        scale=0.3,
+    )
+    np.testing.assert_allclose(as_numpy(got), expected, rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vitkit.layers.backend_quirks import FLASH_ATTENTION, call_sublayer
+from vitkit.layers.backend_quirks import call_sublayer, dot_product_attention
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.utils import integer, optional, rate
 
@@ -217,14 +217,13 @@ class Attention(VitkitLayer):
                 bias = ops.cast(bias, q.dtype)
                 while len(bias.shape) < 4:  # the kernels want (b, h, n_q, n_k), 1s broadcast
                     bias = bias[None]
-            return ops.dot_product_attention(
+            return dot_product_attention(
                 q,
                 k,
                 v,
                 bias=bias,
                 mask=None if key_mask is None else key_mask[:, None, None, :],
                 scale=self.scale,
-                flash_attention=FLASH_ATTENTION,
             )
         attn = self.attention_weights(q, k, bias=bias, training=training, key_mask=key_mask)
         return ops.einsum("bhqk,bkhd->bqhd", attn, v)

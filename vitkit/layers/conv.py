@@ -16,7 +16,7 @@ from keras import ops
 
 from vitkit.convert.mapping import channel_norm
 from vitkit.layers.attention import LN_EPSILON
-from vitkit.layers.backend_quirks import add_channels_first_bias
+from vitkit.layers.backend_quirks import add_channels_first_bias, call_sublayer
 from vitkit.layers.base import ConfigMixin, VitkitLayer
 from vitkit.layers.utils import (
     DATA_FORMATS,
@@ -272,9 +272,9 @@ class ConvNormAct(VitkitLayer):
     def call(self, x, training=None):
         if self.explicit_padding:
             x = pad_spatial(x, self.padding_hw, self.data_format)
-        x = self.conv(x)
+        x = call_sublayer(self.conv, x)
         if self.norm_layer is not None:
-            x = self.norm_layer(x, training=training)
+            x = call_sublayer(self.norm_layer, x, training=training)
         return self.act(x) if self.act is not None else x
 
     def vit_pytorch_state_map(self, conv="0", norm="1"):

@@ -7,6 +7,7 @@ import keras
 
 from vitkit.convert.mapping import as_feature_map
 from vitkit.layers import Attention, ConvNormAct, Transformer, map_to_tokens, tokens_to_map
+from vitkit.layers.backend_quirks import call_sublayer
 from vitkit.layers.conv import spatial_size
 from vitkit.layers.utils import DATA_FORMATS, check_choice, check_int, check_rate
 from vitkit.models.base import VitkitModel
@@ -91,9 +92,11 @@ class ConvProjectionAttention(Attention):
         super().build_projections(input_shape)
 
     def call(self, x, size, training=None):
-        fmap = tokens_to_map(self.norm_layer(x), size, self.data_format)
-        q = self.to_q(map_to_tokens(self.q_conv(fmap, training=training), self.data_format))
-        kv = self.to_kv(map_to_tokens(self.kv_conv(fmap, training=training), self.data_format))
+        fmap = tokens_to_map(call_sublayer(self.norm_layer, x), size, self.data_format)
+        q = call_sublayer(self.q_conv, fmap, training=training)
+        kv = call_sublayer(self.kv_conv, fmap, training=training)
+        q = call_sublayer(self.to_q, map_to_tokens(q, self.data_format))
+        kv = call_sublayer(self.to_kv, map_to_tokens(kv, self.data_format))
         (q,) = self.split_heads(q, 1)
         k, v = self.split_heads(kv, 2)
         return self.project(self.attend(q, k, v, training=training), training=training)
@@ -171,8 +174,8 @@ class CvTTransformer(Transformer):
         size = spatial_size(x, self.data_format)
         x = map_to_tokens(x, self.data_format)
         for attention, feed_forward in zip(self.attentions, self.feed_forwards):
-            x = attention(x, size=size, training=training) + x
-            x = feed_forward(x, training=training) + x
+            x = call_sublayer(attention, x, size=size, training=training) + x
+            x = call_sublayer(feed_forward, x, training=training) + x
         return tokens_to_map(x, size, self.data_format)
 
     def vit_pytorch_state_map(self):
