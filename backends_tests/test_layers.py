@@ -347,20 +347,44 @@ def test_key_mask_matches_vit_pytorch_masked_attention(fusable):
     assert rel_err(got[mask], expected.numpy()[mask]) < 1e-5
 
 
-def test_sublayer_shortcut_matches_keras_call_and_keeps_hooks(monkeypatch):
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_sublayer_shortcut_matches_keras_call_and_keeps_hooks(monkeypatch, policy):
     """`backend_quirks.call_sublayer` (eager torch skips Keras' `__call__` on Dense,
     LayerNormalization, Dropout and vitkit blocks; JAX runs Dense on rows) gives Keras'
-    numbers, and a torch forward hook on a sublayer still sees its call (the shortcut steps
-    aside for it). TensorFlow has no shortcut: there both runs are the plain call, and
-    `test_dense_on_rows_matches_dense` checks the JAX path's function on every backend."""
+    numbers, in float32 and in mixed precision (where Keras' call would cast, and its
+    LayerNormalization reads float32 weights), and a torch forward hook on a sublayer still
+    sees its call (the shortcut steps aside for it). TensorFlow has no shortcut: there both
+    runs are the plain call, and `test_dense_on_rows_matches_dense` checks the JAX path's
+    function on every backend. On torch the test also checks that the shortcut was taken."""
     from vitkit.layers import backend_quirks
 
-    stack = layers.Transformer(dim=12, depth=2, heads=3, dim_head=5, mlp_dim=17, dropout=0.1)
-    x = keras.ops.convert_to_tensor(np.random.default_rng(3).normal(size=(2, 7, 12)), "float32")
-    fast = as_numpy(stack(x, training=False))
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        stack = layers.Transformer(dim=12, depth=2, heads=3, dim_head=5, mlp_dim=17, dropout=0.1)
+        x = np.random.default_rng(3).normal(size=(2, 7, 12))
+        x = keras.ops.convert_to_tensor(x, "float32")
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+    def run():
+        return as_numpy(keras.ops.cast(stack(x, training=False), "float32"))
+
+    taken = []
+    if keras.config.backend() == "torch":
+        can_skip = backend_quirks._can_skip_call
+
+        def counting(layer, inputs, kwargs):
+            taken.append(can_skip(layer, inputs, kwargs))
+            return taken[-1]
+
+        monkeypatch.setattr(backend_quirks, "_can_skip_call", counting)
+    fast = run()
+    if keras.config.backend() == "torch":  # every sublayer, LayerNormalization included
+        assert taken and all(taken), taken
     monkeypatch.setattr(backend_quirks, "FAST_TORCH_CALLS", False)
     monkeypatch.setattr(backend_quirks, "FLAT_JAX_DENSE", False)
-    plain = as_numpy(stack(x, training=False))
+    plain = run()
     np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(backend_quirks, "FAST_TORCH_CALLS", True)
     monkeypatch.setattr(backend_quirks, "FLAT_JAX_DENSE", True)
@@ -370,7 +394,7 @@ def test_sublayer_shortcut_matches_keras_call_and_keeps_hooks(monkeypatch):
             lambda module, args, out: seen.append(out)
         )
         try:
-            np.testing.assert_allclose(as_numpy(stack(x, training=False)), plain, atol=1e-5)
+            np.testing.assert_allclose(run(), plain, atol=1e-5)
         finally:
             hook.remove()
         assert len(seen) == 1
@@ -413,3 +437,34 @@ def test_dot_product_attention_matches_softmax_attention(with_bias):
         scale=0.3,
     )
     np.testing.assert_allclose(as_numpy(got), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_padded_to_even_lengths_matches_unpadded():
+    """JAX on a GPU pads odd sequence lengths by one for cuDNN's fused attention and masks
+    the padding with the true lengths (`_jax_attention_padded_to_even`). Checked here with
+    XLA's implementation of the same call: the values and the gradients of q, k and v are
+    those of the unpadded attention. The helper is plain JAX, which every test session
+    installs, so it runs under every backend."""
+    import jax
+
+    from vitkit.layers.backend_quirks import _jax_attention_padded_to_even
+
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.normal(size=(2, n, 3, 4)).astype("float32") for n in (5, 7, 7))
+
+    def padded(q, k, v):
+        return _jax_attention_padded_to_even(q, k, v, 0.3, "xla")
+
+    def plain(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, scale=0.3, implementation="xla")
+
+    got, expected = padded(q, k, v), plain(q, k, v)
+    assert got.shape == expected.shape == q.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    weights = rng.normal(size=q.shape).astype("float32")
+    grads = [
+        jax.grad(lambda *t, f=f: (f(*t) * weights).sum(), argnums=(0, 1, 2))(q, k, v)
+        for f in (padded, plain)
+    ]
+    for ours, reference in zip(*grads):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-5, atol=1e-6)

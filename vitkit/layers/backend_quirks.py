@@ -1,5 +1,7 @@
 """The only place where vitkit asks which backend it runs on. Each entry says why."""
 
+import contextlib
+
 import keras
 
 _JAX = keras.config.backend() == "jax"
@@ -31,19 +33,28 @@ def dot_product_attention(q, k, v, bias=None, mask=None, scale=None):
     batched products slowly. Moving the heads first and multiplying `(b, h, n, d)` blocks,
     as Keras' TensorFlow backend does, gives the same numbers (scale after the product,
     softmax in float32) faster: one ViT-S/16 attention layer at batch 8 took 23 -> 17 ms
-    forward and 74 -> 59 ms for its gradient. GPUs keep JAX's own choice (cuDNN's fused
-    kernel where it applies); masks and half precision (whose scores JAX accumulates in
-    float32) keep Keras' call.
+    forward and 74 -> 59 ms for its gradient. Masks and half precision (whose scores JAX
+    accumulates in float32) keep Keras' call.
+
+    jax on a GPU: Keras picks cuDNN's fused kernel where it applies, but cuDNN differentiates
+    it only for even sequence lengths, and a ViT's are odd (196 patches and a class token):
+    the training step's trace fails and Keras falls back to XLA's unfused attention (seen on
+    an H100, ViT-S/16 in mixed bfloat16). There, half-precision attention without mask or
+    bias pads the sequences to even lengths and tells cuDNN the true lengths, which masks the
+    padding (`_jax_attention_padded_to_even`); elsewhere GPUs keep Keras' choice.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if (
-        _JAX
-        and mask is None
-        and keras.backend.standardize_dtype(q.dtype) == "float32"
-        and _jax_on_cpu()
-    ):
-        return _attention_heads_first(q, k, v, bias, scale)
+    if _JAX and mask is None:
+        dtype = keras.backend.standardize_dtype(q.dtype)
+        if dtype == "float32" and _jax_on_cpu():
+            return _attention_heads_first(q, k, v, bias, scale)
+        odd = q.shape[1] % 2 or k.shape[1] % 2
+        if dtype in ("bfloat16", "float16") and bias is None and odd and _jax_on_gpu():
+            try:
+                return _jax_attention_padded_to_even(q, k, v, scale, "cudnn")
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # no usable cuDNN here: Keras' call picks XLA's attention
     return keras.ops.dot_product_attention(
         q, k, v, bias=bias, mask=mask, scale=scale, flash_attention=FLASH_ATTENTION
     )
@@ -53,6 +64,36 @@ def _jax_on_cpu():
     import jax
 
     return jax.default_backend() == "cpu"
+
+
+def _jax_on_gpu():
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
+def _jax_attention_padded_to_even(q, k, v, scale, implementation):
+    """`jax.nn.dot_product_attention` on `(b, n, h, d)` inputs padded by one position where
+    a sequence length is odd; the true lengths mask the padded keys (and zero the padded
+    queries' rows, which are cut off)."""
+    import jax
+    import jax.numpy as jnp
+
+    batch, queries, keys = q.shape[0], q.shape[1], k.shape[1]
+
+    def pad(t, length):
+        return jnp.pad(t, ((0, 0), (0, length % 2), (0, 0), (0, 0)))
+
+    out = jax.nn.dot_product_attention(
+        pad(q, queries),
+        pad(k, keys),
+        pad(v, keys),
+        scale=scale,
+        query_seq_lengths=jnp.full((batch,), queries, "int32"),
+        key_value_seq_lengths=jnp.full((batch,), keys, "int32"),
+        implementation=implementation,
+    )
+    return out[:, :queries]
 
 
 def _gelu_via_erf(x):
@@ -93,6 +134,11 @@ add_channels_first_bias = (
 # batch 1 (ViT-S/16: 0.83x of vit-pytorch). Where none of that machinery can change the
 # result, call the layer's math directly. JAX and TensorFlow trace the call once, so the
 # overhead is not paid per step there: they keep the plain call.
+# Mixed precision (`mixed_bfloat16`, `mixed_float16`) takes the shortcut too, where Keras'
+# call would only cast: inside a mixed model the autocast scope of the compute dtype is open
+# and the tensors between sublayers are already in it (ViT-S/16 in mixed bfloat16 on eager
+# torch, a 32-pixel input: 37 ms per forward through Keras' calls, most of it per-call
+# Python work; on an H100 that made vitkit-torch 0.13x of vit-pytorch at batch 1).
 # `FAST_TORCH_CALLS = False` turns the shortcut off (for A/B timing and debugging).
 _TORCH = keras.config.backend() == "torch"
 FAST_TORCH_CALLS = True
@@ -101,7 +147,7 @@ if _TORCH:
     import torch
     import torch.nn.functional as torch_functional
     from keras.src.backend.common import global_state
-    from keras.src.backend.common.variables import get_autocast_scope
+    from keras.src.backend.common.variables import AutocastScope, get_autocast_scope
     from torch.nn.modules import module as torch_module
 
     def _torch_hooks_active(layer):
@@ -112,20 +158,46 @@ if _TORCH:
             or torch_module._global_forward_pre_hooks
         )
 
-    def _can_skip_call(layer, x):
-        """Whether `layer.__call__(x)` would do nothing beyond `layer.call(x)`."""
+    _MIXED = {"mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}
+
+    def _plain_layer_norm(layer, x, kwargs):
+        """A LayerNormalization over the last axis, which the shortcut computes itself."""
+        return (
+            type(layer) is keras.layers.LayerNormalization
+            and not kwargs
+            and not layer.rms_scaling
+            and list(layer.axis) in ([-1], [x.ndim - 1])
+        )
+
+    def _dtypes_as_keras_would_leave_them(layer, x, kwargs):
+        """Whether Keras' `__call__` would not cast `x` and the shortcut reads the variables
+        as Keras would: float32 everywhere with no autocast scope, or a mixed policy whose
+        scope is already open (variables then read in the compute dtype) with `x` already in
+        the compute dtype. Keras' LayerNormalization does not autocast (its call runs with
+        the scope closed, variables in float32); the shortcut's own layer norm does the same."""
+        policy, scope = layer.dtype_policy.name, get_autocast_scope()
+        if policy == "float32":
+            return x.dtype is torch.float32 and scope is None
+        return (
+            policy in _MIXED
+            and x.dtype is _MIXED[policy]
+            and scope is not None
+            and scope.dtype == layer.compute_dtype
+            and (layer.autocast or _plain_layer_norm(layer, x, kwargs))
+        )
+
+    def _can_skip_call(layer, x, kwargs):
+        """Whether `layer.__call__(x, **kwargs)` would do nothing beyond `layer.call`."""
         return (
             layer.built
             and type(x) is torch.Tensor
-            and x.dtype is torch.float32
             and x.device.type != "meta"  # compute_output_spec's symbolic run
             and getattr(x, "_keras_mask", None) is None
-            and layer.dtype_policy.name == "float32"
+            and _dtypes_as_keras_would_leave_them(layer, x, kwargs)
             and "call" not in vars(layer)  # a tap (vitkit.taps) or other instance patch
             and getattr(layer, "quantization_mode", None) is None
             and layer._remat_mode is None
             and layer.activity_regularizer is None
-            and get_autocast_scope() is None
             and keras.distribution.distribution() is None
             and not _torch_hooks_active(layer)
             and layer._call_context_args == {"training"}
@@ -166,7 +238,7 @@ def call_sublayer(layer, x, **kwargs):
     if not (_TORCH and FAST_TORCH_CALLS):
         return layer(x, **kwargs)
     context = global_state.get_global_attribute("current_call_ctx")
-    if context is None or not _can_skip_call(layer, x):
+    if context is None or not _can_skip_call(layer, x, kwargs):
         return layer(x, **kwargs)
     # Keras' training value: the argument, else the enclosing call's, else call()'s default;
     # Keras leaves it in the call context for the layers called after this one.
@@ -179,19 +251,20 @@ def call_sublayer(layer, x, **kwargs):
         bias = None if layer.bias is None else layer.bias.value
         y = torch_functional.linear(x, layer.kernel.value.T, bias)
         return y if layer.activation is None else layer.activation(y)
-    if (
-        kind is keras.layers.LayerNormalization
-        and not kwargs
-        and not layer.rms_scaling
-        and list(layer.axis) in ([-1], [x.ndim - 1])
-    ):
-        return torch_functional.layer_norm(
-            x,
+    if _plain_layer_norm(layer, x, kwargs):
+        # Keras normalises in at least float32 and returns the compute dtype; without
+        # autocast (Keras' default for this layer) gamma and beta are read in float32.
+        with AutocastScope(None) if not layer.autocast else contextlib.nullcontext():
+            gamma = layer.gamma.value if layer.scale else None
+            beta = layer.beta.value if layer.center else None
+        y = torch_functional.layer_norm(
+            x.float(),
             x.shape[-1:],
-            layer.gamma.value if layer.scale else None,
-            layer.beta.value if layer.center else None,
+            None if gamma is None else gamma.float(),
+            None if beta is None else beta.float(),
             layer.epsilon,
         )
+        return y.to(x.dtype)
     if kind is keras.layers.Dropout and not kwargs and (not training or layer.rate == 0):
         return x
     if training is not None and layer._call_has_context_arg.get("training", False):
