@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from backends_tests.helpers import BACKEND
 from vitkit import bench, cli
 
@@ -29,3 +31,31 @@ def test_benchmark_runs_vitkit_and_vit_pytorch_on_the_same_weights(tmp_path, cap
     table = capsys.readouterr().out
     assert f"vitkit-{BACKEND}" in table and "vs ref" in table and "wrote" in table
     assert bench.table(report).splitlines()[0] in table
+
+
+def test_benchmark_mixed_precision_at_chosen_batch_sizes(tmp_path):
+    """`--precision bfloat16` runs both sides in mixed precision (float32 weights, bfloat16
+    arithmetic), at the batch sizes asked for; the report names them, and the logits still
+    agree to bfloat16's precision (not float32's: the check that they differ at all keeps
+    the flag from being ignored)."""
+    out = tmp_path / "results.json"
+    args = ["bench", "--workload", "vit_tiny", "--backend", BACKEND, "--warmup", "1"]
+    args += ["--repeats", "1", "--precision", "bfloat16", "--infer-batch", "2"]
+    assert cli.main([*args, "--train-batch", "3", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    settings = report["settings"]
+    assert settings["precision"] == "bfloat16"
+    assert (settings["infer_batches"], settings["train_batches"]) == ([2], [3])
+    assert bench.tasks(settings) == ["infer_b2", "train_b3"]
+    runs = report["workloads"]["vit_tiny"]["runs"]
+    for who, run in runs.items():
+        assert "error" not in run, (who, run)
+        assert {"infer_b2", "train_b3"} <= set(run) and "infer_b1" not in run
+    assert 1e-5 < runs[f"vitkit-{BACKEND}"]["rel_err"] < 5e-2
+    assert "infer_b2" in bench.table(report) and "train_b3" in bench.table(report)
+
+
+def test_benchmark_rejects_a_batch_size_below_one(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--workload", "vit_tiny", "--infer-batch", "0"])
+    assert "--infer-batch must be at least 1" in capsys.readouterr().err

@@ -11,6 +11,15 @@ matrix-multiply peak.
 
     vitkit bench                              # every workload, every installed backend
     vitkit bench --workload vit_s16 --repeats 5 --out bench/results.json
+    vitkit bench --precision bfloat16 --infer-batch 1 --infer-batch 8 --infer-batch 256 \
+        --train-batch 8 --train-batch 128 --out bench/results-gpu.json     # on a GPU
+
+On a CUDA GPU (where torch sees one) every run uses it: the reference runs there, and each
+Keras backend takes its own default device. Inputs are put on the device before the clock
+starts, and each timed call ends with its result back on the host (a synchronisation).
+`--precision bfloat16` is mixed precision: float32 weights and bfloat16 arithmetic
+(`torch.autocast` for the reference, Keras' `mixed_bfloat16` dtype policy for vitkit). On a
+GPU the report also names the attention kernels each run reached.
 """
 
 from __future__ import annotations
@@ -54,7 +63,8 @@ WORKLOADS = {
 DEFAULT_WORKLOADS = ("vit_s16", "cvt_13")
 IMAGE_SIZE = 224
 INFERENCE_BATCHES = (1, 8)
-TRAIN_BATCH = 8
+TRAIN_BATCHES = (8,)
+PRECISIONS = ("float32", "bfloat16")
 
 
 def import_reference(module: str):
@@ -84,6 +94,12 @@ def median_seconds(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def peak_rss_mib() -> float:
     import resource
 
@@ -102,42 +118,79 @@ def inputs(batch: int, classes: int = 1000, seed: int = 0):
 # One measurement per process ---------------------------------------------------------------
 
 
-def measure_reference(workload: str, weights: str, warmup: int, repeats: int) -> dict:
+def measure_reference(
+    workload: str,
+    weights: str,
+    warmup: int,
+    repeats: int,
+    precision: str = "float32",
+    infer_batches=INFERENCE_BATCHES,
+    train_batches=TRAIN_BATCHES,
+) -> dict:
+    import contextlib
+
     import torch
 
+    device = "cuda" if cuda_available() else "cpu"
     module, cls, config = WORKLOADS[workload]
     model = getattr(import_reference(module), cls)(**config)
     model.load_state_dict(torch.load(weights, weights_only=True))
+    model.to(device)
+
+    def autocast():
+        if precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=torch.bfloat16)
+
+    def device_input(batch, classes=1000):
+        return [torch.as_tensor(a).to(device) for a in inputs(batch, classes)]
+
     results = {}
     model.eval()
-    for batch in INFERENCE_BATCHES:
-        x = torch.from_numpy(inputs(batch)[0])
-        with torch.inference_mode():
-            seconds = median_seconds(lambda x=x: model(x), warmup, repeats)
+    for batch in infer_batches:
+        x = device_input(batch)[0]
+        with torch.inference_mode(), autocast():
+            seconds = median_seconds(lambda x=x: model(x).cpu(), warmup, repeats)
         results[f"infer_b{batch}"] = seconds
-    with torch.inference_mode():
-        results["logits"] = model(torch.from_numpy(inputs(2)[0])).tolist()
+    with torch.inference_mode(), autocast():
+        results["logits"] = model(device_input(2)[0]).float().cpu().tolist()
     model.train()
-    x, y = (torch.as_tensor(a) for a in inputs(TRAIN_BATCH, config["num_classes"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for batch in train_batches:
+        x, y = device_input(batch, config["num_classes"])
 
-    def step():
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
+        def step(x=x, y=y):
+            optimizer.zero_grad()
+            with autocast():
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            return loss.item()  # waits for the step, as Keras' train_on_batch does
 
-    results[f"train_b{TRAIN_BATCH}"] = median_seconds(step, warmup, repeats)
+        results[f"train_b{batch}"] = median_seconds(step, warmup, repeats)
+    if device == "cuda":
+        results["attention_kernels"] = torch_attention_kernels(lambda: step())
+        results["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return results
 
 
 def measure_vitkit(
-    workload: str, weights: str, warmup: int, repeats: int, jit: bool = True
+    workload: str,
+    weights: str,
+    warmup: int,
+    repeats: int,
+    jit: bool = True,
+    precision: str = "float32",
+    infer_batches=INFERENCE_BATCHES,
+    train_batches=TRAIN_BATCHES,
 ) -> dict:
     import keras
     import torch
 
     from vitkit.convert import from_vit_pytorch
 
+    if precision == "bfloat16":
+        keras.config.set_dtype_policy("mixed_bfloat16")
     module, cls, config = WORKLOADS[workload]
     model = getattr(__import__(f"vitkit.models.{module}", fromlist=[cls]), cls)(**config)
     from_vit_pytorch(model, torch.load(weights, weights_only=True))
@@ -146,20 +199,78 @@ def measure_vitkit(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit,
     )
+
+    def device_input(batch, classes=1000):  # channels last, on the backend's default device
+        x, y = inputs(batch, classes)
+        return keras.ops.convert_to_tensor(x.transpose(0, 2, 3, 1)), keras.ops.convert_to_tensor(y)
+
     results = {}
-    for batch in INFERENCE_BATCHES:
-        x = inputs(batch)[0].transpose(0, 2, 3, 1)  # channels last
+    for batch in infer_batches:
+        x = device_input(batch)[0]
         results[f"infer_b{batch}"] = median_seconds(
-            lambda x=x: keras.ops.convert_to_numpy(model.predict_on_batch(x)), warmup, repeats
+            lambda x=x: model.predict_on_batch(x),
+            warmup,
+            repeats,  # returns numpy: synced
         )
-    logits = model.predict_on_batch(inputs(2)[0].transpose(0, 2, 3, 1))
-    results["logits"] = keras.ops.convert_to_numpy(logits).tolist()  # the same numbers?
-    x, y = inputs(TRAIN_BATCH, config["num_classes"])
-    x = x.transpose(0, 2, 3, 1)
-    results[f"train_b{TRAIN_BATCH}"] = median_seconds(
-        lambda: model.train_on_batch(x, y), warmup, repeats
-    )
+    logits = model.predict_on_batch(device_input(2)[0])
+    results["logits"] = keras.ops.convert_to_numpy(logits).astype("float32").tolist()
+    for batch in train_batches:
+        x, y = device_input(batch, config["num_classes"])
+        results[f"train_b{batch}"] = median_seconds(
+            lambda x=x, y=y: model.train_on_batch(x, y),
+            warmup,
+            repeats,  # logs are floats
+        )
+    if cuda_available():
+        x, y = device_input(train_batches[-1], config["num_classes"])
+        if keras.config.backend() == "torch":
+            results["attention_kernels"] = torch_attention_kernels(
+                lambda: model.train_on_batch(x, y)
+            )
+            results["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        elif keras.config.backend() == "jax":
+            results["attention_kernels"] = jax_attention_kernels(model, x, y)
     return results
+
+
+# Which attention kernels a GPU run reached ---------------------------------------------------
+# A fused attention kernel shows by name: torch's scaled_dot_product_attention launches
+# "flash" / "fmha" / "efficient_attention" kernels (or cuDNN's), and XLA puts cuDNN's fused
+# attention in the compiled program as a `__cudnn$fmha...` custom call. Without one, attention
+# is two matrix products and a softmax, and nothing here matches.
+ATTENTION_KERNEL_MARKS = ("flash", "fmha", "efficient_attention", "attention", "sdpa")
+
+
+def torch_attention_kernels(step) -> list:
+    """Names of the CUDA kernels of one call of `step` that are attention kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    names = {event.key for event in prof.key_averages()}
+    return sorted(n for n in names if any(m in n.lower() for m in ATTENTION_KERNEL_MARKS))
+
+
+def jax_attention_kernels(model, x, y) -> list:
+    """cuDNN attention custom calls in the compiled forward + backward of `model` on JAX."""
+    import re
+
+    import jax
+    import keras
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable, non_trainable, x, y):
+        logits, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+        return keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        )
+
+    hlo = jax.jit(jax.grad(loss)).lower(trainable, non_trainable, x, y).compile().as_text()
+    return sorted(set(re.findall(r"__cudnn\$fmha\w*", hlo)))
 
 
 def flops(workload: str) -> dict:
@@ -178,19 +289,33 @@ def flops(workload: str) -> dict:
     return {"forward": forward, "train": counter.get_total_flops()}
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """Float32 matrix-multiply throughput of this machine (torch, all its threads)."""
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5, precision: str = "float32") -> float:
+    """Matrix-multiply throughput of this machine (torch): float32 on the CPU's threads, or on
+    the GPU where there is one, in the run's precision (bfloat16, or float32 without TF32)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    seconds = median_seconds(lambda: torch.mm(a, b), 2, repeats)
-    return 2 * size**3 / seconds / 1e9
+    if not cuda_available():
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        seconds = median_seconds(lambda: torch.mm(a, b), 2, repeats)
+        return 2 * size**3 / seconds / 1e9
+    size, dtype = 8192, getattr(torch, precision)
+    a, b = (torch.randn(size, size, device="cuda", dtype=dtype) for _ in range(2))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        torch.mm(a, b)
+    start.record()
+    for _ in range(10):
+        torch.mm(a, b)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * size**3 * 10 / (start.elapsed_time(end) / 1e3) / 1e9
 
 
 # The run ------------------------------------------------------------------------------------
 
 
-def run_worker(who: str, workload: str, weights: str, warmup: int, repeats: int) -> dict:
+def run_worker(who: str, workload: str, weights: str, warmup: int, repeats: int, **options) -> dict:
+    """One measurement in a fresh process. `options`: precision, infer_batches, train_batches."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     if who != "reference":
         env["KERAS_BACKEND"] = RUNS[who][0]
@@ -198,6 +323,11 @@ def run_worker(who: str, workload: str, weights: str, warmup: int, repeats: int)
         out = f.name
     command = [sys.executable, "-m", "vitkit.bench", "--worker", who, "--workload", workload]
     command += ["--weights", weights, "--warmup", str(warmup), "--repeats", str(repeats)]
+    command += ["--precision", options.get("precision", "float32")]
+    for batch in options.get("infer_batches", INFERENCE_BATCHES):
+        command += ["--infer-batch", str(batch)]
+    for batch in options.get("train_batches", TRAIN_BATCHES):
+        command += ["--train-batch", str(batch)]
     done = subprocess.run(
         [*command, "--worker-out", out], env=env, capture_output=True, text=True, check=False
     )
@@ -233,18 +363,38 @@ def installed_backends() -> list:
     return [run for run, (backend, _) in RUNS.items() if importlib.util.find_spec(backend)]
 
 
-def benchmark(workloads, backends, warmup=2, repeats=5) -> dict:
+def gpu_name() -> str:
     import torch
 
+    return torch.cuda.get_device_name() if cuda_available() else ""
+
+
+def benchmark(
+    workloads,
+    backends,
+    warmup=2,
+    repeats=5,
+    precision="float32",
+    infer_batches=INFERENCE_BATCHES,
+    train_batches=TRAIN_BATCHES,
+) -> dict:
+    import torch
+
+    options = dict(
+        precision=precision, infer_batches=list(infer_batches), train_batches=list(train_batches)
+    )
     report = {
         "machine": {
             "platform": platform.platform(),
             "processor": cpu_model() or platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "matmul_peak_gflops": round(matmul_peak_gflops(), 1),
+            "gpu": gpu_name(),
+            "matmul_peak_gflops": round(matmul_peak_gflops(precision=precision), 1),
+            "matmul_peak_dtype": precision if cuda_available() else "float32",
         },
-        "settings": {"warmup": warmup, "repeats": repeats, "image_size": IMAGE_SIZE},
+        "settings": {"warmup": warmup, "repeats": repeats, "image_size": IMAGE_SIZE, **options},
+        "versions": versions(),
         "workloads": {},
     }
     for workload in workloads:
@@ -253,9 +403,15 @@ def benchmark(workloads, backends, warmup=2, repeats=5) -> dict:
             weights = str(Path(tmp) / "weights.pt")
             torch.manual_seed(0)
             torch.save(getattr(import_reference(module), cls)(**config).state_dict(), weights)
-            runs = {"vit-pytorch": run_worker("reference", workload, weights, warmup, repeats)}
+            runs = {
+                "vit-pytorch": run_worker(
+                    "reference", workload, weights, warmup, repeats, **options
+                )
+            }
             for backend in backends:
-                runs[f"vitkit-{backend}"] = run_worker(backend, workload, weights, warmup, repeats)
+                runs[f"vitkit-{backend}"] = run_worker(
+                    backend, workload, weights, warmup, repeats, **options
+                )
         reference = runs["vit-pytorch"].pop("logits", None)
         for run in runs.values():
             logits = run.pop("logits", None)
@@ -265,35 +421,60 @@ def benchmark(workloads, backends, warmup=2, repeats=5) -> dict:
     return report
 
 
+def versions() -> dict:
+    import contextlib
+    from importlib import metadata
+
+    found = {}
+    for name in ("keras", "torch", "jax", "jaxlib", "tensorflow", "vit-pytorch"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def tasks(settings) -> list:
+    """The report's task names, in order: `infer_b<n>` then `train_b<n>`."""
+    infer = settings.get("infer_batches", INFERENCE_BATCHES)
+    train = settings.get("train_batches", TRAIN_BATCHES)
+    return [f"infer_b{b}" for b in infer] + [f"train_b{b}" for b in train]
+
+
 def table(report) -> str:
     peak = report["machine"]["matmul_peak_gflops"]
     lines = [
-        f"{'workload':10} {'task':9} {'who':20} {'images/s':>9} {'vs ref':>7} {'GFLOP/s':>8} "
+        f"{'workload':10} {'task':10} {'who':20} {'images/s':>9} {'vs ref':>7} {'GFLOP/s':>9} "
         f"{'% peak':>7} {'RSS MiB':>8} {'rel err':>8}"
     ]
     for workload, entry in report["workloads"].items():
         runs, per_image = entry["runs"], entry["flops_per_image"]
         ref = runs["vit-pytorch"]
-        for task in [f"infer_b{b}" for b in INFERENCE_BATCHES] + [f"train_b{TRAIN_BATCH}"]:
+        for task in tasks(report["settings"]):
             batch = int(task.split("_b")[1])
             work = per_image["train" if task.startswith("train") else "forward"] * batch
             for who, run in runs.items():
                 if "error" in run:
-                    lines.append(f"{workload:10} {task:9} {who:20} error: {run['error'][:60]}")
+                    lines.append(f"{workload:10} {task:10} {who:20} error: {run['error'][:60]}")
                     continue
                 seconds = run[task]
                 ratio = ref[task] / seconds if "error" not in ref else float("nan")
                 gflops = work / seconds / 1e9
                 lines.append(
-                    f"{workload:10} {task:9} {who:20} {batch / seconds:9.2f} {ratio:6.2f}x "
-                    f"{gflops:8.1f} {100 * gflops / peak:6.1f}% {run['peak_rss_mib']:8.0f} "
+                    f"{workload:10} {task:10} {who:20} {batch / seconds:9.2f} {ratio:6.2f}x "
+                    f"{gflops:9.1f} {100 * gflops / peak:6.1f}% {run['peak_rss_mib']:8.0f} "
                     f"{run.get('rel_err', float('nan')):8.1e}"
                 )
-    machine = report["machine"]
+        for who, run in runs.items():
+            if "attention_kernels" in run:
+                found = ", ".join(run["attention_kernels"]) or "none (unfused attention)"
+                lines.append(f"{workload:10} attention kernels, {who}: {found}")
+    machine, settings = report["machine"], report["settings"]
+    where = f"{machine['processor']}, {machine['cpus']} CPUs"
+    if machine.get("gpu"):
+        where = f"{machine['gpu']} ({where})"
+    peak_dtype = machine.get("matmul_peak_dtype", "float32")
     lines.append(
-        f"machine: {machine['processor']}, {machine['cpus']} CPUs, float32 matmul peak "
-        f"{peak} GFLOP/s; median of {report['settings']['repeats']} runs after "
-        f"{report['settings']['warmup']} warm-up"
+        f"machine: {where}, {peak_dtype} matmul peak {peak} GFLOP/s; median of "
+        f"{settings['repeats']} runs after {settings['warmup']} warm-up"
     )
     return "\n".join(lines)
 
@@ -307,18 +488,40 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results.json")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="bfloat16: mixed precision (float32 weights, bfloat16 arithmetic)",
+    )
+    parser.add_argument(
+        "--infer-batch", type=int, action="append", help="inference batch size (repeatable)"
+    )
+    parser.add_argument(
+        "--train-batch", type=int, action="append", help="training batch size (repeatable)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for name in ("infer_batch", "train_batch"):
+        if any(batch < 1 for batch in getattr(args, name) or ()):
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    options = dict(
+        precision=args.precision,
+        infer_batches=tuple(args.infer_batch or INFERENCE_BATCHES),
+        train_batches=tuple(args.train_batch or TRAIN_BATCHES),
+    )
 
     if args.worker:  # one measurement, in this process
         (workload,) = args.workload
         if args.worker == "reference":
-            result = measure_reference(workload, args.weights, args.warmup, args.repeats)
+            result = measure_reference(workload, args.weights, args.warmup, args.repeats, **options)
         else:
             jit = RUNS[args.worker][1]
-            result = measure_vitkit(workload, args.weights, args.warmup, args.repeats, jit)
+            result = measure_vitkit(
+                workload, args.weights, args.warmup, args.repeats, jit, **options
+            )
         result["peak_rss_mib"] = peak_rss_mib()
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
@@ -328,6 +531,7 @@ def main(argv=None) -> int:
         args.backend or installed_backends(),
         args.warmup,
         args.repeats,
+        **options,
     )
     print(table(report))
     out = Path(args.out)
