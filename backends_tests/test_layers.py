@@ -354,8 +354,9 @@ def test_sublayer_shortcut_matches_keras_call_and_keeps_hooks(monkeypatch, polic
     numbers, in float32 and in mixed precision (where Keras' call would cast, and its
     LayerNormalization reads float32 weights), and a torch forward hook on a sublayer still
     sees its call (the shortcut steps aside for it). TensorFlow has no shortcut: there both
-    runs are the plain call, and `test_dense_on_rows_matches_dense` checks the JAX path's
-    function on every backend. On torch the test also checks that the shortcut was taken."""
+    runs are the plain call, and `test_dense_on_rows_matches_dense` and
+    `test_layer_norm_in_torch_form_matches_keras` check the JAX paths' functions on every
+    backend. On torch and JAX the test also checks that the shortcuts were taken."""
     from vitkit.layers import backend_quirks
 
     previous = keras.config.dtype_policy()
@@ -379,15 +380,30 @@ def test_sublayer_shortcut_matches_keras_call_and_keeps_hooks(monkeypatch, polic
             return taken[-1]
 
         monkeypatch.setattr(backend_quirks, "_can_skip_call", counting)
+    norms = []
+    if keras.config.backend() == "jax":
+        plain_norm = backend_quirks._jax_plain_layer_norm
+
+        def counting_norms(layer, inputs, kwargs):
+            plain = plain_norm(layer, inputs, kwargs)
+            if type(layer) is keras.layers.LayerNormalization:
+                norms.append(plain)
+            return plain
+
+        monkeypatch.setattr(backend_quirks, "_jax_plain_layer_norm", counting_norms)
     fast = run()
     if keras.config.backend() == "torch":  # every sublayer, LayerNormalization included
         assert taken and all(taken), taken
+    if keras.config.backend() == "jax":  # 2 per block and the final one
+        assert len(norms) == 5 and all(norms), norms
     monkeypatch.setattr(backend_quirks, "FAST_TORCH_CALLS", False)
     monkeypatch.setattr(backend_quirks, "FLAT_JAX_DENSE", False)
+    monkeypatch.setattr(backend_quirks, "JAX_LAYER_NORM", False)
     plain = run()
     np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(backend_quirks, "FAST_TORCH_CALLS", True)
     monkeypatch.setattr(backend_quirks, "FLAT_JAX_DENSE", True)
+    monkeypatch.setattr(backend_quirks, "JAX_LAYER_NORM", True)
     if keras.config.backend() == "torch":
         seen = []
         hook = stack.feed_forwards[1].hidden.register_forward_hook(
@@ -398,6 +414,97 @@ def test_sublayer_shortcut_matches_keras_call_and_keeps_hooks(monkeypatch, polic
         finally:
             hook.remove()
         assert len(seen) == 1
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_conv_and_batch_norm_shortcut_matches_keras_call(monkeypatch, policy, data_format):
+    """On eager torch `call_sublayer` runs Conv2D, DepthwiseConv2D (Keras' and vitkit's) and
+    an inference BatchNormalization as torch's own conv2d / batch_norm: Keras' numbers and
+    dtypes, in both layouts, with strides, groups, "same" padding, dilation and a depth
+    multiplier, in float32 and mixed precision; a training BatchNormalization keeps Keras'
+    call (its moving statistics). Other backends compare the plain call with itself."""
+    from vitkit.layers import backend_quirks
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        convs = [
+            layers.ConvNormAct(6, 3, strides=2, padding=1, norm="batch", data_format=data_format),
+            layers.ConvNormAct(
+                depth_multiplier=2,
+                kernel_size=(3, 1),
+                padding=(1, 0),
+                norm="batch",
+                data_format=data_format,
+            ),
+            keras.layers.Conv2D(
+                8,
+                3,
+                padding="same",
+                groups=2,
+                dilation_rate=2,
+                data_format=data_format,
+                activation="relu",
+            ),
+            keras.layers.DepthwiseConv2D(
+                3, strides=(1, 2), use_bias=False, data_format=data_format
+            ),
+        ]
+
+        class Stack(keras.layers.Layer):
+            def call(self, x, training=None):
+                for conv in convs:
+                    x = backend_quirks.call_sublayer(conv, x, training=training)
+                return x
+
+        stack = Stack()
+        shape = (2, 9, 10, 4) if data_format == "channels_last" else (2, 4, 9, 10)
+        x = keras.ops.convert_to_tensor(np.random.default_rng(8).normal(size=shape), "float32")
+        stack(x)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    rng = np.random.default_rng(9)
+    for conv in convs:
+        for weight in conv.weights:
+            value = rng.normal(size=weight.shape)
+            if "variance" in weight.path:
+                value = np.abs(value) + 0.5
+            weight.assign(value.astype("float32"))
+    if keras.config.backend() == "torch":
+        x = x.to(torch.bfloat16) if policy == "mixed_bfloat16" else x
+    else:
+        x = keras.ops.cast(x, keras.mixed_precision.Policy(policy).compute_dtype)
+
+    def run(training):
+        y = stack(x, training=training)
+        return keras.backend.standardize_dtype(y.dtype), as_numpy(keras.ops.cast(y, "float32"))
+
+    direct = []
+    if keras.config.backend() == "torch":
+        for name in ("_torch_conv2d", "_torch_batch_norm"):
+            original = getattr(backend_quirks, name)
+
+            def counting(*args, _original=original, _name=name, **kwargs):
+                direct.append(_name)
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(backend_quirks, name, counting)
+    fast = run(False)
+    if keras.config.backend() == "torch":
+        assert direct.count("_torch_conv2d") == 4 and direct.count("_torch_batch_norm") == 2
+    monkeypatch.setattr(backend_quirks, "FAST_TORCH_CALLS", False)
+    plain = run(False)
+    assert fast[0] == plain[0] == keras.mixed_precision.Policy(policy).compute_dtype
+    if policy == "float32":
+        np.testing.assert_allclose(fast[1], plain[1], rtol=1e-5, atol=1e-5)
+    else:  # torch's conv adds the bias before rounding to bfloat16, Keras after: 4 layers on
+        assert rel_err(fast[1], plain[1]) < 1e-2
+    if keras.config.backend() == "torch":  # last: training moves the statistics
+        monkeypatch.setattr(backend_quirks, "FAST_TORCH_CALLS", True)
+        direct.clear()
+        run(True)
+        assert direct.count("_torch_conv2d") == 4 and "_torch_batch_norm" not in direct
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 12), (2, 3, 4, 12), (5, 12)])
@@ -415,6 +522,40 @@ def test_dense_on_rows_matches_dense(shape):
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     symbolic = _dense_on_rows(dense, keras.Input(shape[1:]))
     assert tuple(symbolic.shape) == (None, *shape[1:-1], 5)
+
+
+@pytest.mark.parametrize(
+    "policy, center, scale",
+    [
+        ("float32", True, True),
+        ("float32", False, True),
+        ("float32", True, False),
+        ("mixed_bfloat16", True, True),
+    ],
+)
+def test_layer_norm_in_torch_form_matches_keras(policy, center, scale):
+    """JAX's LayerNormalization path (`backend_quirks._jax_layer_norm`: `(x - mean) *
+    rsqrt(var + eps) * gamma + beta` on the input as given, in at least float32, the result
+    in the compute dtype)
+    gives Keras' call's numbers and dtype, with and without gamma and beta. Plain
+    `keras.ops`, so it runs under every backend."""
+    from vitkit.layers.backend_quirks import _jax_layer_norm
+
+    norm = keras.layers.LayerNormalization(epsilon=1e-5, center=center, scale=scale, dtype=policy)
+    rng = np.random.default_rng(7)
+    x = keras.ops.convert_to_tensor(3.0 + 2.0 * rng.normal(size=(2, 5, 12)), "float32")
+    norm.build(x.shape)
+    for weight in norm.weights:
+        weight.assign(rng.normal(size=weight.shape).astype("float32"))
+    expected, got = norm(x), _jax_layer_norm(norm, x)
+    assert keras.backend.standardize_dtype(got.dtype) == norm.compute_dtype
+    tolerance = 1e-5 if policy == "float32" else 2**-7  # one bfloat16 rounding
+    np.testing.assert_allclose(
+        as_numpy(keras.ops.cast(got, "float32")),
+        as_numpy(keras.ops.cast(expected, "float32")),
+        rtol=tolerance,
+        atol=tolerance,
+    )
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -104,6 +104,9 @@ def _gelu_via_erf(x):
 # tensorflow: tf.nn.gelu(approximate=False) lowers to the Erfc op, which tf2onnx cannot convert
 # (ONNX has Erf, not Erfc), and ONNX export from every backend goes through TensorFlow. The erf
 # form is the same function. Other backends keep Keras' gelu, which maps to their fused kernel.
+# (jax: the erf form would be faster on XLA:CPU, 0.75 against 2.65 ms on ViT-S/16's hidden
+# activations, but `lax.erf` serialises as a StableHLO composite that TensorFlow 2.21 cannot
+# read back, which breaks the SavedModel export of JAX models.)
 GELU = _gelu_via_erf if keras.config.backend() == "tensorflow" else keras.activations.gelu
 
 
@@ -142,6 +145,9 @@ add_channels_first_bias = (
 # `FAST_TORCH_CALLS = False` turns the shortcut off (for A/B timing and debugging).
 _TORCH = keras.config.backend() == "torch"
 FAST_TORCH_CALLS = True
+# The 2-D convolution classes the shortcut runs as `torch.nn.functional.conv2d`, each with
+# whether it is depth-wise; `vitkit.layers.conv` adds its own (same call, same weights).
+TORCH_CONVS = {keras.layers.Conv2D: False, keras.layers.DepthwiseConv2D: True}
 
 if _TORCH:
     import torch
@@ -186,12 +192,68 @@ if _TORCH:
             and (layer.autocast or _plain_layer_norm(layer, x, kwargs))
         )
 
+    def _plain_torch_conv(layer):
+        """A 2-D convolution `_torch_conv2d` computes as Keras' call would."""
+        padding_ok = layer.padding == "valid" or (
+            layer.padding == "same" and tuple(layer.strides) == (1, 1)
+        )
+        return padding_ok and not getattr(layer, "lora_enabled", False)
+
+    def _torch_conv2d(layer, x, depthwise, padding=None):
+        # Keras' torch conv copies a channels_last input to NCHW and back to channels_last
+        # memory on every call; a permuted view is already channels_last memory, which
+        # torch's convolutions take as it is (as do their outputs, permuted back).
+        kernel = layer.kernel.value
+        if depthwise:  # (kh, kw, in, multiplier) -> (in * multiplier, 1, kh, kw)
+            height, width, channels, multiplier = kernel.shape
+            weight = kernel.reshape(height, width, 1, channels * multiplier)
+            groups = channels
+        else:  # (kh, kw, in / groups, out) -> (out, in / groups, kh, kw)
+            weight, groups = kernel, layer.groups
+        channels_last = layer.data_format == "channels_last"
+        if channels_last:
+            x = x.permute(0, 3, 1, 2)
+        y = torch_functional.conv2d(
+            x,
+            weight.permute(3, 2, 0, 1),
+            None if layer.bias is None else layer.bias.value,
+            tuple(layer.strides),
+            padding or (0 if layer.padding == "valid" else "same"),
+            tuple(layer.dilation_rate),
+            groups,
+        )
+        if channels_last:
+            y = y.permute(0, 2, 3, 1)
+        return y if layer.activation is None else layer.activation(y)
+
+    def _plain_batch_norm(layer):
+        """A BatchNormalization `_torch_batch_norm` computes as Keras' inference call would."""
+        return not layer.renorm and isinstance(layer.axis, int)
+
+    def _torch_batch_norm(layer, x):
+        # Keras' inference call is five elementwise ops (five kernels on a GPU); torch's
+        # batch_norm is one. Statistics in at least float32, the result in the compute dtype.
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        axis = layer.axis % x.ndim
+        if axis != 1:
+            wide = wide.movedim(axis, 1)
+        weights = [  # Keras makes them all without autocast: float32 in any scope
+            None if w is None else w.value.to(wide.dtype)
+            for w in (layer.moving_mean, layer.moving_variance, layer.gamma, layer.beta)
+        ]
+        y = torch_functional.batch_norm(wide, *weights, False, 0.0, layer.epsilon)
+        if axis != 1:
+            y = y.movedim(1, axis)
+        return y.to(getattr(torch, layer.compute_dtype))
+
     def _can_skip_call(layer, x, kwargs):
         """Whether `layer.__call__(x, **kwargs)` would do nothing beyond `layer.call`."""
         return (
             layer.built
             and type(x) is torch.Tensor
             and x.device.type != "meta"  # compute_output_spec's symbolic run
+            # a `keras...device_scope`: Keras' ops move their inputs into it, torch's don't
+            and global_state.get_global_attribute("torch_device") is None
             and getattr(x, "_keras_mask", None) is None
             and _dtypes_as_keras_would_leave_them(layer, x, kwargs)
             and "call" not in vars(layer)  # a tap (vitkit.taps) or other instance patch
@@ -229,12 +291,78 @@ def _dense_on_rows(layer, x):
     return keras.ops.reshape(y, (-1, *inner, y.shape[-1]))
 
 
+# jax: Keras' layer normalization folds gamma into the inverse standard deviation
+# (`x * (rsqrt(var + eps) * gamma) + (beta - mean * ...)`), so forward and backward pass
+# carry two full-size `(b, n, d)` scale and shift tensors, which XLA:CPU materialises and
+# reads back; ViT-S/16's training step spent about 100 ms of 1.6 s on them on a 2-core CPU.
+# On JAX a plain LayerNormalization called through `call_sublayer` computes
+# `(x - mean) * rsqrt(var + eps) * gamma + beta` instead (torch's order of operations; Keras'
+# dtype rule: statistics in at least float32, the result in the compute dtype); whenever
+# Keras' `__call__` could do more than that (a tap, remat, a regulariser, a distribution)
+# the layer is called as usual. TensorFlow's XLA runs Keras' form faster (its training step
+# got 6 % slower with this one), so it keeps it. `JAX_LAYER_NORM = False` turns it off.
+JAX_LAYER_NORM = True
+
+
+def _jax_plain_layer_norm(layer, x, kwargs):
+    """A built LayerNormalization over the last axis whose Keras call would do no more than
+    `_jax_layer_norm`."""
+    return (
+        type(layer) is keras.layers.LayerNormalization
+        and not kwargs
+        and layer.built
+        and not layer.rms_scaling
+        and list(layer.axis) in ([-1], [len(x.shape) - 1])
+        and "call" not in vars(layer)  # a tap (vitkit.taps) or other instance patch
+        and layer._remat_mode is None
+        and layer.activity_regularizer is None
+        and keras.distribution.distribution() is None
+    )
+
+
+def _jax_layer_norm(layer, x):
+    ops = keras.ops
+    # Keras' call leaves the input as it is (this layer does not autocast) and computes in
+    # at least float32.
+    wide = ops.cast(x, keras.backend.result_type(x.dtype, "float32"))
+    mean = ops.mean(wide, axis=-1, keepdims=True)
+    centered = wide - mean
+    variance = ops.mean(ops.square(centered), axis=-1, keepdims=True)
+    y = centered * ops.rsqrt(variance + layer.epsilon)
+    if layer.scale:
+        y = y * ops.cast(layer.gamma.value, y.dtype)
+    if layer.center:
+        y = y + ops.cast(layer.beta.value, y.dtype)
+    return ops.cast(y, layer.compute_dtype)
+
+
+def call_zero_padded_conv(conv, x, padding, pad):
+    """`call_sublayer(conv, pad(x))` for a "valid" convolution, where `pad` zero-pads both
+    sides of each spatial axis by `padding = (ph, pw)`. eager torch: vitkit pads by
+    concatenation (see `vitkit.layers.utils.zero_pad`), a dozen Keras ops per padded map;
+    where the shortcut applies, torch's conv2d pads instead (the same zeros, one call)."""
+    if (
+        _TORCH
+        and FAST_TORCH_CALLS
+        and type(conv) in TORCH_CONVS
+        and conv.padding == "valid"
+        and _plain_torch_conv(conv)
+        and global_state.get_global_attribute("current_call_ctx") is not None
+        and _can_skip_call(conv, x, {})
+    ):
+        return _torch_conv2d(conv, x, TORCH_CONVS[type(conv)], tuple(padding))
+    return call_sublayer(conv, pad(x))
+
+
 def call_sublayer(layer, x, **kwargs):
     """`layer(x, **kwargs)`, called from inside another layer's `call`; on eager torch,
     without Keras' per-call machinery when it cannot matter (see `FAST_TORCH_CALLS`); on
-    JAX, a Dense layer's tokens as rows (see `FLAT_JAX_DENSE`)."""
+    JAX, a Dense layer's tokens as rows (see `FLAT_JAX_DENSE`) and LayerNormalization in
+    torch's form (see `JAX_LAYER_NORM`)."""
     if _JAX and FLAT_JAX_DENSE and type(layer) is keras.layers.Dense and not kwargs:
         return _dense_on_rows(layer, x)
+    if _JAX and JAX_LAYER_NORM and _jax_plain_layer_norm(layer, x, kwargs):
+        return _jax_layer_norm(layer, x)
     if not (_TORCH and FAST_TORCH_CALLS):
         return layer(x, **kwargs)
     context = global_state.get_global_attribute("current_call_ctx")
@@ -267,6 +395,10 @@ def call_sublayer(layer, x, **kwargs):
         return y.to(x.dtype)
     if kind is keras.layers.Dropout and not kwargs and (not training or layer.rate == 0):
         return x
+    if kind in TORCH_CONVS and not kwargs and _plain_torch_conv(layer):
+        return _torch_conv2d(layer, x, depthwise=TORCH_CONVS[kind])
+    if kind is keras.layers.BatchNormalization and not training and _plain_batch_norm(layer):
+        return _torch_batch_norm(layer, x)
     if training is not None and layer._call_has_context_arg.get("training", False):
         kwargs["training"] = training
     return layer.call(x, **kwargs)

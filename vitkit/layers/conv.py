@@ -15,8 +15,13 @@ import keras
 from keras import ops
 
 from vitkit.convert.mapping import channel_norm
+from vitkit.layers import backend_quirks
 from vitkit.layers.attention import LN_EPSILON
-from vitkit.layers.backend_quirks import add_channels_first_bias, call_sublayer
+from vitkit.layers.backend_quirks import (
+    add_channels_first_bias,
+    call_sublayer,
+    call_zero_padded_conv,
+)
 from vitkit.layers.base import ConfigMixin, VitkitLayer
 from vitkit.layers.utils import (
     DATA_FORMATS,
@@ -64,6 +69,9 @@ class DepthwiseConv2D(_ChannelsFirstBias, keras.layers.DepthwiseConv2D):
             dilation_rate=self.dilation_rate,
             data_format=self.data_format,
         )
+
+
+backend_quirks.TORCH_CONVS.update({Conv2D: False, DepthwiseConv2D: True})
 
 
 def channel_axis(data_format: str) -> int:
@@ -271,8 +279,14 @@ class ConvNormAct(VitkitLayer):
 
     def call(self, x, training=None):
         if self.explicit_padding:
-            x = pad_spatial(x, self.padding_hw, self.data_format)
-        x = call_sublayer(self.conv, x)
+            x = call_zero_padded_conv(
+                self.conv,
+                x,
+                self.padding_hw,
+                lambda x: pad_spatial(x, self.padding_hw, self.data_format),
+            )
+        else:
+            x = call_sublayer(self.conv, x)
         if self.norm_layer is not None:
             x = call_sublayer(self.norm_layer, x, training=training)
         return self.act(x) if self.act is not None else x

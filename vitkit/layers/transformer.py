@@ -126,7 +126,7 @@ class Transformer(VitkitLayer):
         for index in range(self.depth):
             y = self.residual_block(index, x, context=context, training=training)
             x = y if kept is None else ops.where(kept[index], y, x)
-        return self.norm(x) if self.norm is not None else x
+        return call_sublayer(self.norm, x) if self.norm is not None else x
 
     def vit_pytorch_state_map(self, attention_out="to_out.0", ff_hidden="net.1", ff_out="net.4"):
         """Our weights under the names of vit-pytorch's `Transformer` (`layers.i.0` is the
