@@ -609,3 +609,27 @@ def test_attention_padded_to_even_lengths_matches_unpadded():
     ]
     for ours, reference in zip(*grads):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_stack_trains_compiled():
+    """Convolutions, depth-wise ones and BatchNorm compiled (`jit_compile=True`: XLA on JAX
+    and TensorFlow, torch.compile on torch, where the eager shortcut's conv2d on a permuted
+    view once broke Inductor's dynamic shapes), over two batch sizes, give the eager
+    numbers."""
+    inputs = keras.Input((9, 10, 4))
+    x = layers.ConvNormAct(6, 3, strides=2, padding=1, norm="batch")(inputs)
+    x = layers.ConvNormAct(depth_multiplier=1, kernel_size=3, padding=1, norm="batch")(x)
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    eager = keras.models.clone_model(model)
+    eager.set_weights(model.get_weights())
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer="sgd", loss=loss, jit_compile=True)
+    rng = np.random.default_rng(10)
+    for batch in (2, 3):
+        x = rng.normal(size=(batch, 9, 10, 4)).astype("float32")
+        np.testing.assert_allclose(
+            as_numpy(model.predict_on_batch(x)), as_numpy(eager(x)), rtol=1e-4, atol=1e-5
+        )
+        assert np.isfinite(model.train_on_batch(x, rng.integers(0, 3, batch)))
+        eager.set_weights(model.get_weights())

@@ -193,11 +193,18 @@ if _TORCH:
         )
 
     def _plain_torch_conv(layer):
-        """A 2-D convolution `_torch_conv2d` computes as Keras' call would."""
+        """A 2-D convolution `_torch_conv2d` computes as Keras' call would. Not under
+        torch.compile: there the per-call host cost is gone anyway, and Inductor (torch
+        2.13) fails to order the strides of a permuted view with dynamic shapes
+        ("cannot determine truth value of Relational")."""
         padding_ok = layer.padding == "valid" or (
             layer.padding == "same" and tuple(layer.strides) == (1, 1)
         )
-        return padding_ok and not getattr(layer, "lora_enabled", False)
+        return (
+            padding_ok
+            and not getattr(layer, "lora_enabled", False)
+            and not torch.compiler.is_compiling()
+        )
 
     def _torch_conv2d(layer, x, depthwise, padding=None):
         # Keras' torch conv copies a channels_last input to NCHW and back to channels_last
@@ -227,8 +234,11 @@ if _TORCH:
         return y if layer.activation is None else layer.activation(y)
 
     def _plain_batch_norm(layer):
-        """A BatchNormalization `_torch_batch_norm` computes as Keras' inference call would."""
-        return not layer.renorm and isinstance(layer.axis, int)
+        """A BatchNormalization `_torch_batch_norm` computes as Keras' inference call would
+        (eagerly: under torch.compile Inductor fuses Keras' ops itself)."""
+        return (
+            not layer.renorm and isinstance(layer.axis, int) and not torch.compiler.is_compiling()
+        )
 
     def _torch_batch_norm(layer, x):
         # Keras' inference call is five elementwise ops (five kernels on a GPU); torch's
