@@ -149,6 +149,18 @@ FAST_TORCH_CALLS = True
 # whether it is depth-wise; `vitkit.layers.conv` adds its own (same call, same weights).
 TORCH_CONVS = {keras.layers.Conv2D: False, keras.layers.DepthwiseConv2D: True}
 
+
+def _plain_layer_norm(layer, x, kwargs):
+    """A LayerNormalization over the last axis without RMS scaling or call arguments: the
+    form the eager-torch and JAX shortcuts compute themselves."""
+    return (
+        type(layer) is keras.layers.LayerNormalization
+        and not kwargs
+        and not layer.rms_scaling
+        and list(layer.axis) in ([-1], [len(x.shape) - 1])
+    )
+
+
 if _TORCH:
     import torch
     import torch.nn.functional as torch_functional
@@ -165,15 +177,6 @@ if _TORCH:
         )
 
     _MIXED = {"mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}
-
-    def _plain_layer_norm(layer, x, kwargs):
-        """A LayerNormalization over the last axis, which the shortcut computes itself."""
-        return (
-            type(layer) is keras.layers.LayerNormalization
-            and not kwargs
-            and not layer.rms_scaling
-            and list(layer.axis) in ([-1], [x.ndim - 1])
-        )
 
     def _dtypes_as_keras_would_leave_them(layer, x, kwargs):
         """Whether Keras' `__call__` would not cast `x` and the shortcut reads the variables
@@ -318,11 +321,8 @@ def _jax_plain_layer_norm(layer, x, kwargs):
     """A built LayerNormalization over the last axis whose Keras call would do no more than
     `_jax_layer_norm`."""
     return (
-        type(layer) is keras.layers.LayerNormalization
-        and not kwargs
+        _plain_layer_norm(layer, x, kwargs)
         and layer.built
-        and not layer.rms_scaling
-        and list(layer.axis) in ([-1], [len(x.shape) - 1])
         and "call" not in vars(layer)  # a tap (vitkit.taps) or other instance patch
         and layer._remat_mode is None
         and layer.activity_regularizer is None
