@@ -633,3 +633,104 @@ def test_conv_stack_trains_compiled():
         )
         assert np.isfinite(model.train_on_batch(x, rng.integers(0, 3, batch)))
         eager.set_weights(model.get_weights())
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize(
+    "multiplier, strides, padding, dilation",
+    [
+        (1, 1, "same", 1),
+        (1, 2, "valid", 1),
+        (2, 2, "same", 1),
+        (1, 1, "valid", 2),
+        (2, 1, "same", 2),
+    ],
+)
+def test_depthwise_conv_as_shifts_matches_keras(
+    data_format, multiplier, strides, padding, dilation
+):
+    """`backend_quirks._depthwise_conv_as_shifts` (the depth-wise convolution vitkit runs on
+    XLA:CPU) gives `keras.ops.depthwise_conv`'s numbers in both layouts, with depth
+    multipliers, strides, dilation and "same" padding that is uneven (odd and even map sides
+    at stride 2); in bfloat16 it returns bfloat16. Plain keras.ops (strided slices), so it
+    runs under every backend."""
+    from vitkit.layers.backend_quirks import _depthwise_conv_as_shifts
+
+    rng = np.random.default_rng(11)
+    for height, width in ((9, 9), (8, 11)):
+        shape = (2, height, width, 5) if data_format == "channels_last" else (2, 5, height, width)
+        x = rng.normal(size=shape).astype("float32")
+        kernel = rng.normal(size=(3, 3, 5, multiplier)).astype("float32")
+        args = ((strides, strides), padding, (dilation, dilation), data_format)
+        expected = keras.ops.depthwise_conv(
+            x, kernel, args[0], padding, data_format, dilation_rate=args[2]
+        )
+        got = _depthwise_conv_as_shifts(x, kernel, *args)
+        assert tuple(got.shape) == tuple(expected.shape)
+        np.testing.assert_allclose(as_numpy(got), as_numpy(expected), rtol=1e-5, atol=1e-5)
+        half = _depthwise_conv_as_shifts(
+            keras.ops.cast(x, "bfloat16"), keras.ops.cast(kernel, "bfloat16"), *args
+        )
+        assert keras.backend.standardize_dtype(half.dtype) == "bfloat16"
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_depthwise_conv_layer_takes_the_shifts_under_xla_on_cpu(monkeypatch, data_format):
+    """vitkit's DepthwiseConv2D (bias, stride 2, "same") gives Keras' layer's numbers with the
+    same weights, and runs as shifted windows exactly under XLA on a CPU: JAX, and
+    TensorFlow inside `jit_compile=True`."""
+    from vitkit.layers import backend_quirks
+
+    calls = []
+    shifts = backend_quirks._depthwise_conv_as_shifts
+    monkeypatch.setattr(
+        backend_quirks,
+        "_depthwise_conv_as_shifts",
+        lambda *args: calls.append(1) or shifts(*args),
+    )
+    config = dict(
+        kernel_size=3, strides=2, padding="same", depth_multiplier=2, data_format=data_format
+    )
+    ours, theirs = layers.DepthwiseConv2D(**config), keras.layers.DepthwiseConv2D(**config)
+    rng = np.random.default_rng(12)
+    shape = (2, 7, 8, 3) if data_format == "channels_last" else (2, 3, 7, 8)
+    x = rng.normal(size=shape).astype("float32")
+    ours.build(shape)
+    theirs.build(shape)
+    for weight in ours.weights:
+        weight.assign(rng.normal(size=weight.shape).astype("float32"))
+    theirs.set_weights(ours.get_weights())
+    np.testing.assert_allclose(as_numpy(ours(x)), as_numpy(theirs(x)), rtol=1e-5, atol=1e-5)
+    on_xla_cpu = keras.config.backend() == "jax" and backend_quirks._jax_on_cpu()
+    assert bool(calls) == on_xla_cpu
+    if keras.config.backend() == "tensorflow":  # eagerly its own kernel, under XLA the shifts
+        import tensorflow as tf
+
+        compiled = tf.function(ours, jit_compile=True)
+        np.testing.assert_allclose(as_numpy(compiled(x)), as_numpy(theirs(x)), rtol=1e-5, atol=1e-5)
+        assert calls
+
+
+def test_softmax_matches_keras_and_differentiates_from_its_output():
+    """`backend_quirks.softmax` gives `keras.ops.softmax`'s numbers; on JAX through JAX's
+    custom gradient rule, whose gradient is `y * (dy - sum(y * dy))`."""
+    from vitkit.layers.backend_quirks import softmax
+
+    rng = np.random.default_rng(13)
+    x = (4.0 * rng.normal(size=(2, 3, 5, 7))).astype("float32")
+    np.testing.assert_allclose(
+        as_numpy(softmax(x, axis=-1)), as_numpy(keras.ops.softmax(x, axis=-1)), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        as_numpy(softmax(x, axis=1)), as_numpy(keras.ops.softmax(x, axis=1)), rtol=1e-6
+    )
+    if keras.config.backend() != "jax":
+        return
+    import jax
+
+    assert "custom_jvp_call" in str(jax.make_jaxpr(softmax)(x))
+    weights = rng.normal(size=x.shape).astype("float32")
+    got = jax.grad(lambda t: (softmax(t) * weights).sum())(x)
+    y = np.asarray(softmax(x))
+    expected = y * (weights - (y * weights).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)

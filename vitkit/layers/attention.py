@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from vitkit.layers.backend_quirks import call_sublayer, dot_product_attention
+from vitkit.layers.backend_quirks import call_sublayer, dot_product_attention, softmax
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.utils import integer, optional, rate
 
@@ -203,7 +203,7 @@ class Attention(VitkitLayer):
         scores = ops.cast(scores, "float32")
         if key_mask is not None:
             scores = ops.where(key_mask[:, None, None, :], scores, MASKED_SCORE)
-        attn = ops.cast(ops.softmax(scores, axis=-1), q.dtype)
+        attn = ops.cast(softmax(scores, axis=-1), q.dtype)
         attn = call_sublayer(self.attn_dropout, attn, training=training)
         return self.transform_attention(attn)
 

@@ -5,6 +5,7 @@ import contextlib
 import keras
 
 _JAX = keras.config.backend() == "jax"
+_TENSORFLOW = keras.config.backend() == "tensorflow"
 
 # `flash_attention` for `keras.ops.dot_product_attention`.
 # torch: with `None`, Keras probes eligibility through `torch.backends.cuda.SDPAParams`, a
@@ -15,13 +16,28 @@ _JAX = keras.config.backend() == "jax"
 FLASH_ATTENTION = False if keras.config.backend() == "torch" else None
 
 
+def softmax(x, axis=-1):
+    """`keras.ops.softmax`. jax: with JAX's newer gradient rule (`jax.softmax_custom_jvp`,
+    off by default in JAX 0.10), `y * (dy - sum(y * dy))` from the saved output, where the
+    default differentiates through `exp(x - max) / sum` and keeps the unnormalised
+    exponentials and their sum for the backward pass: one ViT-S/16 gradient at batch 8 on a
+    2-core CPU took 1683 -> 1615 ms, CvT-13's (3136 x 784 scores in its first stage) 2295 ->
+    2069 ms. Same forward numbers."""
+    if _JAX:
+        import jax
+
+        with jax.softmax_custom_jvp(True):
+            return keras.ops.softmax(x, axis=axis)
+    return keras.ops.softmax(x, axis=axis)
+
+
 def _attention_heads_first(q, k, v, bias, scale):
     ops = keras.ops
     q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
     scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * ops.cast(scale, q.dtype)
     if bias is not None:
         scores = scores + ops.cast(bias, scores.dtype)
-    attn = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), v.dtype)
+    attn = ops.cast(softmax(ops.cast(scores, "float32"), axis=-1), v.dtype)
     return ops.transpose(ops.matmul(attn, v), (0, 2, 1, 3))
 
 
@@ -128,6 +144,111 @@ def _broadcast_add_nchw(x, bias):
 add_channels_first_bias = (
     _bias_add_nchw if keras.config.backend() == "tensorflow" else _broadcast_add_nchw
 )
+
+
+def _same_padding(size, kernel, stride, dilation):
+    """Keras' (TensorFlow's) "same" padding of one spatial axis: (before, after)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _strided_slice(x, start, stop, step):
+    """`x[start:stop:step]` on every axis (jax: as `lax.slice`; its indexing would gather)."""
+    if _JAX:
+        import jax
+
+        return jax.lax.slice(x, start, stop, step)
+    return x[tuple(slice(*bounds) for bounds in zip(start, stop, step))]
+
+
+def _depthwise_conv_as_shifts(x, kernel, strides, padding, dilation_rate, data_format):
+    """`keras.ops.depthwise_conv` written as `kh * kw` strided windows of the map, each
+    scaled per channel and summed; products and sums in at least float32."""
+    ops = keras.ops
+    height, width, channels, multiplier = kernel.shape
+    spatial = (1, 2) if data_format == "channels_last" else (2, 3)
+    dtype = x.dtype
+    x = ops.cast(x, keras.backend.result_type(dtype, "float32"))
+    kernel = ops.cast(kernel, x.dtype)
+    if padding == "same":
+        pads = [(0, 0)] * 4
+        for axis, k, s, d in zip(spatial, (height, width), strides, dilation_rate):
+            pads[axis] = _same_padding(x.shape[axis], k, s, d)
+        x = ops.pad(x, pads)
+    out = [
+        (x.shape[axis] - (k - 1) * d - 1) // s + 1
+        for axis, k, s, d in zip(spatial, (height, width), strides, dilation_rate)
+    ]
+    if multiplier > 1:  # output channel c * multiplier + m reads input channel c
+        axis = 3 if data_format == "channels_last" else 1
+        x = ops.repeat(x, multiplier, axis=axis)
+    weights = ops.reshape(kernel, (height, width, channels * multiplier))
+    if data_format == "channels_first":
+        weights = ops.reshape(weights, (height, width, -1, 1, 1))
+    y = None
+    for i in range(height):
+        for j in range(width):
+            start = [0, 0, 0, 0]
+            start[spatial[0]], start[spatial[1]] = i * dilation_rate[0], j * dilation_rate[1]
+            stop = list(x.shape)
+            for axis, n, s in zip(spatial, out, strides):
+                stop[axis] = start[axis] + (n - 1) * s + 1
+            step = [1, 1, 1, 1]
+            step[spatial[0]], step[spatial[1]] = strides
+            term = _strided_slice(x, start, stop, step) * weights[i, j]
+            y = term if y is None else y + term
+    return ops.cast(y, dtype)
+
+
+# XLA on a CPU (JAX, and TensorFlow inside `jit_compile=True`): XLA:CPU runs a depth-wise
+# convolution (a convolution with one feature group per channel) far slower than the same
+# sum written out as `kh * kw` shifted, per-channel scaled windows of the map, which it
+# fuses into one loop (and whose gradient is as simple). CvT-13 at batch 8, 224 px, on a
+# 2-core CPU: JAX forward 871 -> 549 ms and gradient 3350 -> 2391 ms; TensorFlow with XLA
+# forward 1011 -> 500 ms and gradient 3430 -> 3189 ms. TensorFlow without XLA keeps its own
+# kernel (the shifted form took it from 579 to 765 ms), as do GPUs (cuDNN). Products and
+# sums run in at least float32, like the convolution's accumulator (results within float32
+# rounding of it). `DEPTHWISE_AS_SHIFTS = False` turns it off.
+DEPTHWISE_AS_SHIFTS = True
+
+
+def _tf_xla_on_cpu():
+    """Whether TensorFlow is tracing for XLA (`tf.function(jit_compile=True)`, Keras'
+    `jit_compile`) on a machine without GPUs. TensorFlow's own test for it is internal
+    (`control_flow_util.GraphOrParentsInXlaContext`, what tf.keras used); if it moves,
+    TensorFlow keeps its convolution."""
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+    except ImportError:  # pragma: no cover - a TensorFlow without it
+        return False
+    return GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph()
+    ) and not tf.config.list_logical_devices("GPU")
+
+
+def depthwise_conv(x, kernel, strides, padding, dilation_rate, data_format):
+    """`keras.ops.depthwise_conv`, as shifted windows for XLA:CPU (see `DEPTHWISE_AS_SHIFTS`)."""
+    if (
+        DEPTHWISE_AS_SHIFTS
+        and ((_JAX and _jax_on_cpu()) or (_TENSORFLOW and _tf_xla_on_cpu()))
+        and len(kernel.shape) == 4
+        and padding in ("valid", "same")
+        and None not in tuple(x.shape)[1:]
+    ):
+        return _depthwise_conv_as_shifts(
+            x, kernel, tuple(strides), padding, tuple(dilation_rate), data_format
+        )
+    return keras.ops.depthwise_conv(
+        x,
+        kernel,
+        strides=strides,
+        padding=padding,
+        dilation_rate=dilation_rate,
+        data_format=data_format,
+    )
 
 
 # Calling a sublayer from inside a vitkit layer's `call`.

@@ -57,18 +57,25 @@ class Conv2D(_ChannelsFirstBias, keras.layers.Conv2D):
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
-class DepthwiseConv2D(_ChannelsFirstBias, keras.layers.DepthwiseConv2D):
-    """`keras.layers.DepthwiseConv2D`, right in channels_first on every backend."""
+class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """`keras.layers.DepthwiseConv2D`, right in channels_first on every backend, and fast on
+    XLA:CPU (see `backend_quirks.depthwise_conv`)."""
 
-    def convolution_op(self, inputs, kernel):
-        return ops.depthwise_conv(
+    def call(self, inputs):
+        outputs = backend_quirks.depthwise_conv(
             inputs,
-            kernel,
+            self.kernel,
             strides=self.strides,
             padding=self.padding,
             dilation_rate=self.dilation_rate,
             data_format=self.data_format,
         )
+        if self.use_bias:
+            if self.data_format == "channels_first":
+                outputs = add_channels_first_bias(outputs, self.bias)
+            else:
+                outputs = ops.add(outputs, self.bias)
+        return outputs if self.activation is None else self.activation(outputs)
 
 
 backend_quirks.TORCH_CONVS.update({Conv2D: False, DepthwiseConv2D: True})

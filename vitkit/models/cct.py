@@ -18,6 +18,7 @@ from vitkit.layers import (
     map_to_tokens,
 )
 from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.backend_quirks import softmax
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.utils import (
     check_choice,
@@ -107,7 +108,7 @@ class SequencePooling(VitkitLayer):
         self.score.build(input_shape)
 
     def call(self, x):
-        weights = ops.softmax(ops.cast(self.score(x)[..., 0], "float32"), axis=1)
+        weights = softmax(ops.cast(self.score(x)[..., 0], "float32"), axis=1)
         return ops.einsum("bn,bnd->bd", ops.cast(weights, x.dtype), x)
 
 

@@ -8,6 +8,7 @@ from keras import ops
 
 from vitkit.layers import Transformer, VitkitLayer
 from vitkit.layers.attention import layer_norm
+from vitkit.layers.backend_quirks import softmax
 from vitkit.layers.utils import check_int, integer, optional
 from vitkit.models.base import ViTLayout
 from vitkit.registry import register_model
@@ -57,7 +58,7 @@ class PatchMerger(VitkitLayer):
         x = self.norm_layer(x)
         queries = ops.cast(self.queries, x.dtype)
         scores = ops.einsum("md,bnd->bmn", queries, x) * ops.cast(self.scale, x.dtype)
-        weights = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), x.dtype)
+        weights = ops.cast(softmax(ops.cast(scores, "float32"), axis=-1), x.dtype)
         return ops.einsum("bmn,bnd->bmd", weights, x)  # (b, num_tokens_out, dim)
 
     def compute_output_shape(self, input_shape):
