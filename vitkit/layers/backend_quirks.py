@@ -201,16 +201,26 @@ def _depthwise_conv_as_shifts(x, kernel, strides, padding, dilation_rate, data_f
     return ops.cast(y, dtype)
 
 
-# XLA on a CPU (JAX, and TensorFlow inside `jit_compile=True`): XLA:CPU runs a depth-wise
-# convolution (a convolution with one feature group per channel) far slower than the same
-# sum written out as `kh * kw` shifted, per-channel scaled windows of the map, which it
-# fuses into one loop (and whose gradient is as simple). CvT-13 at batch 8, 224 px, on a
-# 2-core CPU: JAX forward 871 -> 549 ms and gradient 3350 -> 2391 ms; TensorFlow with XLA
-# forward 1011 -> 500 ms and gradient 3430 -> 3189 ms. TensorFlow without XLA keeps its own
-# kernel (the shifted form took it from 579 to 765 ms), as do GPUs (cuDNN). Products and
-# sums run in at least float32, like the convolution's accumulator (results within float32
-# rounding of it). `DEPTHWISE_AS_SHIFTS = False` turns it off.
+# XLA compiling for a CPU (JAX under `jax.jit`, TensorFlow inside `jit_compile=True`):
+# XLA:CPU runs a depth-wise convolution (a convolution with one feature group per channel)
+# far slower than the same sum written out as `kh * kw` shifted, per-channel scaled windows
+# of the map, which it fuses into one loop (and whose gradient is as simple). CvT-13 at
+# batch 8, 224 px, on a 2-core CPU: JAX forward 871 -> 549 ms and gradient 3350 -> 2391 ms;
+# TensorFlow with XLA forward 1011 -> 500 ms and gradient 3430 -> 3189 ms. TensorFlow
+# without XLA keeps its own kernel (the shifted form took it from 579 to 765 ms), as do
+# GPUs (cuDNN) and eager JAX (op by op, each window would be its own small program,
+# compiled per shape: the eager test suite ran CvT and MobileViT 1.5x slower). Products
+# and sums run in at least float32, like the convolution's accumulator (results within
+# float32 rounding of it). `DEPTHWISE_AS_SHIFTS = False` turns it off.
 DEPTHWISE_AS_SHIFTS = True
+
+
+def _jax_traced_on_cpu(x):
+    """Whether JAX is tracing `x` (under `jax.jit`, a gradient, Keras' compiled steps) for
+    its CPU backend, rather than running it op by op."""
+    import jax
+
+    return isinstance(x, jax.core.Tracer) and _jax_on_cpu()
 
 
 def _tf_xla_on_cpu():
@@ -230,10 +240,11 @@ def _tf_xla_on_cpu():
 
 
 def depthwise_conv(x, kernel, strides, padding, dilation_rate, data_format):
-    """`keras.ops.depthwise_conv`, as shifted windows for XLA:CPU (see `DEPTHWISE_AS_SHIFTS`)."""
+    """`keras.ops.depthwise_conv`, as shifted windows where XLA compiles it for a CPU (see
+    `DEPTHWISE_AS_SHIFTS`)."""
     if (
         DEPTHWISE_AS_SHIFTS
-        and ((_JAX and _jax_on_cpu()) or (_TENSORFLOW and _tf_xla_on_cpu()))
+        and ((_JAX and _jax_traced_on_cpu(x)) or (_TENSORFLOW and _tf_xla_on_cpu()))
         and len(kernel.shape) == 4
         and padding in ("valid", "same")
         and None not in tuple(x.shape)[1:]
