@@ -53,6 +53,34 @@ def test_forward_shapes_and_data_formats(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_initial_weights_follow_the_global_seed(name):
+    """`keras.utils.set_random_seed` decides every random initial weight: the same seed gives the
+    same model, another seed changes every weight that is not a constant, and no two random
+    weights of a model start equal (an initializer shared with a fixed seed breaks all three)."""
+
+    def initial(seed):
+        keras.utils.set_random_seed(seed)
+        model = build(name)
+        model.build_default()
+        return [(w.path, as_numpy(w)) for w in model.trainable_weights]
+
+    first, again, other = initial(0), initial(0), initial(1)
+    assert len(again) == len(other) == len(first)
+    for (path, a), (_, b) in zip(first, again):
+        np.testing.assert_array_equal(b, a, err_msg=path)
+    random = [i for i, (_, w) in enumerate(first) if w.size > 1 and np.ptp(w) > 0]
+    assert random, "no randomly initialized weight"
+    unchanged = [first[i][0] for i in random if np.array_equal(other[i][1], first[i][1])]
+    assert not unchanged, f"the same under another seed: {unchanged}"
+    seen = {}
+    for i in random:
+        path, w = first[i]
+        key = (w.shape, w.tobytes())
+        assert key not in seen, f"{path} starts equal to {seen[key]}"
+        seen[key] = path
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_every_weight_gets_a_gradient(name):
     model = build(name)
     x = random_images(model, 2)

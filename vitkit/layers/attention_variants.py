@@ -15,8 +15,11 @@ from keras import ops
 
 from vitkit.layers.attention import Attention
 
-# vit-pytorch draws head-mixing matrices from torch.randn: a standard normal.
-MIX_INIT = keras.initializers.RandomNormal(stddev=1.0)
+
+def mix_init():
+    """A fresh initializer per mixing matrix (see `embedding.token_init` for why per weight):
+    a standard normal, as vit-pytorch draws them (torch.randn)."""
+    return keras.initializers.RandomNormal(stddev=1.0)
 
 
 def mix_heads(attn, weights):
@@ -38,10 +41,10 @@ class TalkingHeadsAttention(Attention):
         super().build(input_shape)
         heads = (self.heads, self.heads)
         self.mix_heads_pre_attn = self.add_weight(
-            shape=heads, initializer=MIX_INIT, name="mix_heads_pre_attn"
+            shape=heads, initializer=mix_init(), name="mix_heads_pre_attn"
         )
         self.mix_heads_post_attn = self.add_weight(
-            shape=heads, initializer=MIX_INIT, name="mix_heads_post_attn"
+            shape=heads, initializer=mix_init(), name="mix_heads_post_attn"
         )
 
     def transform_scores(self, scores):

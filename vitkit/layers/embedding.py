@@ -19,7 +19,12 @@ from vitkit.layers.utils import (
     patchify,
 )
 
-TOKEN_INIT = keras.initializers.TruncatedNormal(stddev=0.02)
+
+def token_init():
+    """A fresh initializer for learned tokens and position tables, made per weight: one made at
+    import takes its seed before `keras.utils.set_random_seed` runs, so models would not repeat
+    across processes, and every weight of one shape would start from the same values."""
+    return keras.initializers.TruncatedNormal(stddev=0.02)
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -109,7 +114,7 @@ class ClassToken(VitkitLayer):
 
     def build(self, input_shape):
         self.token = self.add_weight(
-            shape=(self.num_tokens, input_shape[-1]), initializer=TOKEN_INIT, name="token"
+            shape=(self.num_tokens, input_shape[-1]), initializer=token_init(), name="token"
         )
 
     def call(self, x):
@@ -133,7 +138,7 @@ class LearnedPositionEmbedding(VitkitLayer):
 
     def build(self, input_shape):
         self.embedding = self.add_weight(
-            shape=(self.length, input_shape[-1]), initializer=TOKEN_INIT, name="embedding"
+            shape=(self.length, input_shape[-1]), initializer=token_init(), name="embedding"
         )
 
     def call(self, x):
