@@ -39,21 +39,26 @@ BN_MOMENTUM = 0.9
 NORMS = (None, "batch", "layer")
 
 
-class _ChannelsFirstBias:
-    """Adds a channels_first convolution's bias through `add_channels_first_bias` (see
-    `backend_quirks`: Keras' own `ops.add` puts it on the wrong axis on TensorFlow when the
-    map is as wide as it has channels)."""
+def _bias_and_activation(layer, outputs):
+    """A convolution layer's bias and activation on its convolved map. A channels_first bias
+    goes through `add_channels_first_bias` (see `backend_quirks`: Keras' own `ops.add` puts it
+    on the wrong axis on TensorFlow when the map is as wide as it has channels)."""
+    if layer.use_bias:
+        if layer.data_format == "channels_first":
+            outputs = add_channels_first_bias(outputs, layer.bias)
+        else:
+            outputs = ops.add(outputs, layer.bias)
+    return outputs if layer.activation is None else layer.activation(outputs)
+
+
+@keras.saving.register_keras_serializable(package="vitkit")
+class Conv2D(keras.layers.Conv2D):
+    """`keras.layers.Conv2D`, right in channels_first on every backend."""
 
     def call(self, inputs):
         if not (self.use_bias and self.data_format == "channels_first"):
             return super().call(inputs)
-        outputs = add_channels_first_bias(self.convolution_op(inputs, self.kernel), self.bias)
-        return outputs if self.activation is None else self.activation(outputs)
-
-
-@keras.saving.register_keras_serializable(package="vitkit")
-class Conv2D(_ChannelsFirstBias, keras.layers.Conv2D):
-    """`keras.layers.Conv2D`, right in channels_first on every backend."""
+        return _bias_and_activation(self, self.convolution_op(inputs, self.kernel))
 
 
 @keras.saving.register_keras_serializable(package="vitkit")
@@ -70,12 +75,7 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
             dilation_rate=self.dilation_rate,
             data_format=self.data_format,
         )
-        if self.use_bias:
-            if self.data_format == "channels_first":
-                outputs = add_channels_first_bias(outputs, self.bias)
-            else:
-                outputs = ops.add(outputs, self.bias)
-        return outputs if self.activation is None else self.activation(outputs)
+        return _bias_and_activation(self, outputs)
 
 
 backend_quirks.TORCH_CONVS.update({Conv2D: False, DepthwiseConv2D: True})
