@@ -740,3 +740,34 @@ def test_softmax_matches_keras_and_differentiates_from_its_output():
     y = np.asarray(softmax(x))
     expected = y * (weights - (y * weights).sum(-1, keepdims=True))
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_is_torchs_exact_gelu_eager_and_compiled():
+    """`backend_quirks.GELU` (every feed-forward block's) is torch's exact GELU, values and
+    gradient, run op by op and compiled. On JAX the compiled form is erf's rational form with
+    its own derivative (`_jax_gelu`), whose erf must stay within float32 rounding."""
+    from vitkit.layers.backend_quirks import GELU, _erf_rational
+
+    rng = np.random.default_rng(17)
+    x = np.concatenate([4.0 * rng.normal(size=4000), [-12.0, -6.0, -1e-3, 0.0, 1e-3, 6.0, 12.0]])
+    x = x.astype("float32")
+    weights = rng.normal(size=x.shape).astype("float32")
+    t = torch.from_numpy(x).requires_grad_()
+    (torch.nn.functional.gelu(t) * torch.from_numpy(weights)).sum().backward()
+    expected, expected_grad = torch.nn.functional.gelu(t).detach().numpy(), t.grad.numpy()
+
+    np.testing.assert_allclose(as_numpy(GELU(x)), expected, rtol=1e-6, atol=2e-6)
+    grid = np.linspace(-6.0, 6.0, 24001).astype("float32")
+    exact = torch.special.erf(torch.from_numpy(grid.astype("float64"))).numpy()
+    assert np.abs(as_numpy(_erf_rational(grid)) - exact).max() < 5e-7
+    if keras.config.backend() != "jax":
+        return
+    import jax
+
+    def weighted(t):
+        return (GELU(t) * weights).sum()
+
+    assert "custom_jvp_call" in str(jax.make_jaxpr(weighted)(x))  # traced: the rational form
+    np.testing.assert_allclose(np.asarray(jax.jit(GELU)(x)), expected, rtol=1e-6, atol=2e-6)
+    got = jax.jit(jax.grad(weighted))(x)
+    np.testing.assert_allclose(np.asarray(got), expected_grad, rtol=1e-5, atol=2e-6)
