@@ -10,22 +10,28 @@ import pytest
 from backends_tests.helpers import BACKEND
 from vitkit import bench, cli
 
+# this backend's runs (TensorFlow's also without XLA; `torch.compile` compiles for minutes)
+RUNS_HERE = [BACKEND] + (["tensorflow-graph"] if BACKEND == "tensorflow" else [])
+
 
 def test_benchmark_runs_vitkit_and_vit_pytorch_on_the_same_weights(tmp_path, capsys):
     out = tmp_path / "results.json"
-    args = ["bench", "--workload", "vit_tiny", "--backend", BACKEND, "--warmup", "1"]
+    args = ["bench", "--workload", "vit_tiny", "--warmup", "1"]
+    for run in RUNS_HERE:
+        args += ["--backend", run]
     assert cli.main([*args, "--repeats", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     entry = report["workloads"]["vit_tiny"]
     runs = entry["runs"]
-    assert set(runs) == {"vit-pytorch", f"vitkit-{BACKEND}"}
+    assert set(runs) == {"vit-pytorch", *(f"vitkit-{run}" for run in RUNS_HERE)}
     for who, run in runs.items():
         assert "error" not in run, (who, run)
         for task in ("infer_b1", "infer_b8", "train_b8"):
             assert 0 < run[task] < 60, (who, task, run[task])
         assert run["peak_rss_mib"] > 100
     # the same model, the same numbers
-    assert runs[f"vitkit-{BACKEND}"]["rel_err"] < 1e-4, runs[f"vitkit-{BACKEND}"]["rel_err"]
+    for run in RUNS_HERE:
+        assert runs[f"vitkit-{run}"]["rel_err"] < 1e-4, (run, runs[f"vitkit-{run}"]["rel_err"])
     assert entry["flops_per_image"]["train"] > 2 * entry["flops_per_image"]["forward"] > 0
     assert report["machine"]["matmul_peak_gflops"] > 0
     table = capsys.readouterr().out

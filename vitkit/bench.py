@@ -37,11 +37,14 @@ from pathlib import Path
 # What each vitkit run measures: (Keras backend, compiled). JAX and TensorFlow compile with XLA
 # (`jit_compile=True`); torch runs eagerly, and "torch-compile" through `torch.compile`
 # (Keras' `jit_compile=True` on torch: TorchInductor, which needs a C++ compiler).
+# "tensorflow-graph" is a `tf.function` without XLA (`jit_compile=False`): what Keras' default
+# `jit_compile="auto"` (and so `vitkit train`) runs on a TensorFlow that sees no GPU.
 RUNS = {
     "jax": ("jax", True),
     "torch": ("torch", False),
     "torch-compile": ("torch", True),
     "tensorflow": ("tensorflow", True),
+    "tensorflow-graph": ("tensorflow", False),
 }
 # vit-pytorch module, class and keywords of each workload
 WORKLOADS = {
