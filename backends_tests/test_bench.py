@@ -39,29 +39,61 @@ def test_benchmark_runs_vitkit_and_vit_pytorch_on_the_same_weights(tmp_path, cap
     assert bench.table(report).splitlines()[0] in table
 
 
-def test_benchmark_mixed_precision_at_chosen_batch_sizes(tmp_path):
+def test_benchmark_mixed_precision_at_chosen_batch_sizes_over_rounds(tmp_path):
     """`--precision bfloat16` runs both sides in mixed precision (float32 weights, bfloat16
     arithmetic), at the batch sizes asked for; the report names them, and the logits still
     agree to bfloat16's precision (not float32's: the check that they differ at all keeps
-    the flag from being ignored)."""
+    the flag from being ignored). `--rounds 2` runs each side twice, in turn: each task keeps
+    both rounds' figures, and its ratio is paired round by round."""
     out = tmp_path / "results.json"
     args = ["bench", "--workload", "vit_tiny", "--backend", BACKEND, "--warmup", "1"]
-    args += ["--repeats", "1", "--precision", "bfloat16", "--infer-batch", "2"]
+    args += ["--repeats", "1", "--precision", "bfloat16", "--infer-batch", "2", "--rounds", "2"]
     assert cli.main([*args, "--train-batch", "3", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     settings = report["settings"]
-    assert settings["precision"] == "bfloat16"
+    assert settings["precision"] == "bfloat16" and settings["rounds"] == 2
     assert (settings["infer_batches"], settings["train_batches"]) == ([2], [3])
     assert bench.tasks(settings) == ["infer_b2", "train_b3"]
     runs = report["workloads"]["vit_tiny"]["runs"]
     for who, run in runs.items():
         assert "error" not in run, (who, run)
         assert {"infer_b2", "train_b3"} <= set(run) and "infer_b1" not in run
+        for task in ("infer_b2", "train_b3"):
+            assert len(run["rounds"][task]) == 2 and run[task] == pytest.approx(
+                sum(run["rounds"][task]) / 2
+            )
+            low, high = run["vs_ref_range"][task]
+            assert 0 < low <= run["vs_ref"][task] <= high, (who, task, run)
+    assert runs["vit-pytorch"]["vs_ref"] == {"infer_b2": 1.0, "train_b3": 1.0}
     assert 1e-5 < runs[f"vitkit-{BACKEND}"]["rel_err"] < 5e-2
-    assert "infer_b2" in bench.table(report) and "train_b3" in bench.table(report)
+    assert report["machine"]["matmul_peak_gflops_end"] > 0
+    table = bench.table(report)
+    assert "infer_b2" in table and "train_b3" in table and "ratio range" in table
+    assert "2 rounds of median of 1 runs" in table
 
 
-def test_benchmark_rejects_a_batch_size_below_one(capsys):
+def test_rounds_merge_into_medians_and_paired_ratios():
+    """Each task's figure is the median over rounds; its ratio is the median of the ratios to
+    the reference's run of the same round, not the ratio of the medians; a failed round fails
+    the run."""
+    ours = [{"infer_b1": 1.0, "peak_rss_mib": 10}, {"infer_b1": 4.0, "peak_rss_mib": 30}]
+    ours.append({"infer_b1": 2.0, "peak_rss_mib": 20})
+    ref = [{"infer_b1": 2.0}, {"infer_b1": 8.0}, {"infer_b1": 1.0}]  # median 2.0, as ours
+    merged = bench.merge_rounds(ours)
+    assert merged["infer_b1"] == 2.0 and merged["peak_rss_mib"] == 30
+    assert merged["rounds"] == {"infer_b1": [1.0, 4.0, 2.0]}
+    report = {"settings": {"infer_batches": [1], "train_batches": []}}
+    ratios = bench.paired_ratios(ours, ref, report)
+    # rounds' ratios 2, 2 and 0.5 (the medians' ratio would be 1.0)
+    assert ratios == {"vs_ref": {"infer_b1": 2.0}, "vs_ref_range": {"infer_b1": [0.5, 2.0]}}
+    assert bench.merge_rounds([ours[0], {"error": "out of memory"}]) == {"error": "out of memory"}
+    assert "rounds" not in bench.merge_rounds(ours[:1])
+
+
+def test_benchmark_rejects_a_batch_size_or_rounds_below_one(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--workload", "vit_tiny", "--infer-batch", "0"])
     assert "--infer-batch must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--workload", "vit_tiny", "--rounds", "0"])
+    assert "--rounds must be at least 1" in capsys.readouterr().err

@@ -771,3 +771,68 @@ def test_gelu_is_torchs_exact_gelu_eager_and_compiled():
     np.testing.assert_allclose(np.asarray(jax.jit(GELU)(x)), expected, rtol=1e-6, atol=2e-6)
     got = jax.jit(jax.grad(weighted))(x)
     np.testing.assert_allclose(np.asarray(got), expected_grad, rtol=1e-5, atol=2e-6)
+
+
+if keras.config.backend() == "torch":
+
+    @pytest.mark.parametrize("use_bias", [True, False])
+    @pytest.mark.parametrize("shape", [(2, 7, 12), (5, 12), (2, 3, 4, 12)])
+    def test_onednn_dense_matches_dense_values_and_gradients(monkeypatch, shape, use_bias):
+        """Eager torch's float32 Dense through oneDNN (`backend_quirks.ONEDNN_DENSE`, on by
+        default on AMD CPUs; forced on here, whatever the CPU): Keras' numbers, shapes and
+        activation, on a permuted (non-contiguous) input too; the gradients of the input,
+        kernel and bias, and a second derivative (`create_graph`), as torch's own linear
+        gives them. bfloat16 keeps torch's linear."""
+        from vitkit.layers import backend_quirks
+
+        calls = []
+        original = backend_quirks._LINEAR_POINTWISE
+
+        def counting(*args):
+            calls.append(args[0].shape)
+            return original(*args)
+
+        monkeypatch.setattr(backend_quirks, "_LINEAR_POINTWISE", counting)
+        monkeypatch.setattr(backend_quirks, "ONEDNN_DENSE", True)
+        dense = keras.layers.Dense(9, activation="gelu", use_bias=use_bias)
+
+        class Outer(keras.layers.Layer):
+            def call(self, x):
+                return backend_quirks.call_sublayer(dense, x)
+
+        outer = Outer()
+        rng = np.random.default_rng(11)
+        x = torch.tensor(rng.normal(size=shape[:-2] + shape[:-3:-1]), dtype=torch.float32)
+        x = x.transpose(-1, -2)  # a non-contiguous view of `shape`
+        assert x.shape == shape and not x.is_contiguous()
+        outer(x)
+        for weight in dense.weights:
+            weight.assign(rng.normal(size=weight.shape).astype("float32"))
+
+        def values_and_grads():
+            xg = x.detach().clone().requires_grad_()
+            y = outer(xg)
+            weights = [xg, *(w.value for w in dense.trainable_weights)]
+            grads = torch.autograd.grad((y**2).sum(), weights, create_graph=True)
+            # a second derivative: of the input gradient's norm, by the kernel
+            (second,) = torch.autograd.grad((grads[0] ** 2).sum(), [dense.kernel.value])
+            return [as_numpy(t.detach()) for t in (y, *grads, second)]
+
+        fast = values_and_grads()
+        assert calls, "the oneDNN product was not called"
+        assert len(fast) == (5 if use_bias else 4)
+        monkeypatch.setattr(backend_quirks, "ONEDNN_DENSE", False)
+        calls.clear()
+        plain = values_and_grads()
+        assert not calls
+        for got, expected in zip(fast, plain):  # float32 rounding, in another order
+            assert got.shape == expected.shape and rel_err(got, expected) < 1e-5
+        monkeypatch.setattr(backend_quirks, "FAST_TORCH_CALLS", False)  # Keras' own call
+        np.testing.assert_allclose(fast[0], as_numpy(outer(x)), rtol=2e-5, atol=2e-5)
+        monkeypatch.setattr(backend_quirks, "FAST_TORCH_CALLS", True)
+        monkeypatch.setattr(backend_quirks, "ONEDNN_DENSE", True)
+        half = keras.layers.Dense(9, dtype="bfloat16")
+        half.build(shape)
+        with torch.no_grad():
+            y = backend_quirks._torch_dense(half, x.to(torch.bfloat16))
+        assert y.dtype is torch.bfloat16 and not calls

@@ -11,6 +11,7 @@ matrix-multiply peak.
 
     vitkit bench                              # every workload, every installed backend
     vitkit bench --workload vit_s16 --repeats 5 --out bench/results.json
+    vitkit bench --rounds 3                   # each run three times, in turn (see `benchmark`)
     vitkit bench --precision bfloat16 --infer-batch 1 --infer-batch 8 --infer-batch 256 \
         --train-batch 8 --train-batch 128 --out bench/results-gpu.json     # on a GPU
 
@@ -293,13 +294,21 @@ def flops(workload: str) -> dict:
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5, precision: str = "float32") -> float:
-    """Matrix-multiply throughput of this machine (torch): float32 on the CPU's threads, or on
+    """Matrix-multiply throughput of this machine (torch): float32 on the CPU's threads (the
+    faster of MKL's GEMM and oneDNN's: on an AMD CPU oneDNN's is about twice MKL's), or on
     the GPU where there is one, in the run's precision (bfloat16, or float32 without TF32)."""
     import torch
 
-    if not cuda_available():
+    if not cuda_available():  # the faster of torch's mm (MKL's GEMM) and oneDNN's product
         a, b = torch.randn(size, size), torch.randn(size, size)
         seconds = median_seconds(lambda: torch.mm(a, b), 2, repeats)
+        onednn = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+        if onednn is not None and torch.backends.mkldnn.is_available():
+
+            def product():  # a @ b.T
+                return onednn(a, b, None, "none", [], "")
+
+            seconds = min(seconds, median_seconds(product, 2, repeats))
         return 2 * size**3 / seconds / 1e9
     size, dtype = 8192, getattr(torch, precision)
     a, b = (torch.randn(size, size, device="cuda", dtype=dtype) for _ in range(2))
@@ -380,7 +389,14 @@ def benchmark(
     precision="float32",
     infer_batches=INFERENCE_BATCHES,
     train_batches=TRAIN_BATCHES,
+    rounds=1,
 ) -> dict:
+    """Every run of every workload, `rounds` times over. A round runs the reference and each
+    vitkit run once, each in its own process, and each round starts one run later in that
+    order, so that a machine that slows down during the benchmark slows every run alike. A
+    run's figure is the median over rounds of its per-round medians, and its ratio to
+    vit-pytorch the median of the per-round ratios (each against the reference's run of the
+    same round): `vs_ref`, with the rounds' lowest and highest ratio in `vs_ref_range`."""
     import torch
 
     options = dict(
@@ -396,32 +412,70 @@ def benchmark(
             "matmul_peak_gflops": round(matmul_peak_gflops(precision=precision), 1),
             "matmul_peak_dtype": precision if cuda_available() else "float32",
         },
-        "settings": {"warmup": warmup, "repeats": repeats, "image_size": IMAGE_SIZE, **options},
+        "settings": {
+            "warmup": warmup, "repeats": repeats, "rounds": rounds, "image_size": IMAGE_SIZE,
+            **options,
+        },
         "versions": versions(),
         "workloads": {},
-    }
+    }  # fmt: skip
+    workers = [("vit-pytorch", "reference")] + [(f"vitkit-{run}", run) for run in backends]
     for workload in workloads:
         module, cls, config = WORKLOADS[workload]
+        per_round = {who: [] for who, _ in workers}
         with tempfile.TemporaryDirectory() as tmp:
             weights = str(Path(tmp) / "weights.pt")
             torch.manual_seed(0)
             torch.save(getattr(import_reference(module), cls)(**config).state_dict(), weights)
-            runs = {
-                "vit-pytorch": run_worker(
-                    "reference", workload, weights, warmup, repeats, **options
-                )
-            }
-            for backend in backends:
-                runs[f"vitkit-{backend}"] = run_worker(
-                    backend, workload, weights, warmup, repeats, **options
-                )
+            for start in range(rounds):
+                start %= len(workers)
+                for who, worker in workers[start:] + workers[:start]:
+                    per_round[who].append(
+                        run_worker(worker, workload, weights, warmup, repeats, **options)
+                    )
+        runs = {who: merge_rounds(results) for who, results in per_round.items()}
         reference = runs["vit-pytorch"].pop("logits", None)
-        for run in runs.values():
+        for who, run in runs.items():
             logits = run.pop("logits", None)
             if reference is not None and logits is not None:
                 run["rel_err"] = relative_error(logits, reference)
+            if "error" not in run and "error" not in runs["vit-pytorch"]:
+                run.update(paired_ratios(per_round[who], per_round["vit-pytorch"], report))
         report["workloads"][workload] = {"flops_per_image": flops(workload), "runs": runs}
+    # the same measurement at the end: how far the machine itself moved during the run
+    report["machine"]["matmul_peak_gflops_end"] = round(matmul_peak_gflops(precision=precision), 1)
     return report
+
+
+def merge_rounds(results: list) -> dict:
+    """One run's rounds as one result: each task's median over rounds (the per-round figures
+    kept in `rounds`), the first round's logits and attention kernels, the highest peaks."""
+    failed = [result["error"] for result in results if "error" in result]
+    if failed:
+        return {"error": failed[0]}
+    merged = dict(results[0])
+    timed = [key for key, value in merged.items() if key.startswith(("infer_b", "train_b"))]
+    for key in timed:
+        merged[key] = statistics.median(result[key] for result in results)
+    for key in ("peak_rss_mib", "peak_device_mib"):
+        if key in merged:
+            merged[key] = max(result[key] for result in results)
+    if len(results) > 1:
+        merged["rounds"] = {key: [result[key] for result in results] for key in timed}
+    return merged
+
+
+def paired_ratios(results: list, reference: list, report: dict) -> dict:
+    """Each task's speed against the reference's run of the same round: the median ratio over
+    rounds, and the lowest and highest."""
+    ratios = {
+        task: [ref[task] / ours[task] for ours, ref in zip(results, reference, strict=True)]
+        for task in tasks(report["settings"])
+    }
+    return {
+        "vs_ref": {task: statistics.median(values) for task, values in ratios.items()},
+        "vs_ref_range": {task: [min(values), max(values)] for task, values in ratios.items()},
+    }
 
 
 def versions() -> dict:
@@ -429,7 +483,7 @@ def versions() -> dict:
     from importlib import metadata
 
     found = {}
-    for name in ("keras", "torch", "jax", "jaxlib", "tensorflow", "vit-pytorch"):
+    for name in ("keras", "torch", "jax", "jaxlib", "tensorflow", "tensorflow-cpu", "vit-pytorch"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
     return found
@@ -444,14 +498,17 @@ def tasks(settings) -> list:
 
 def table(report) -> str:
     peak = report["machine"]["matmul_peak_gflops"]
+    settings = report["settings"]
+    rounds = settings.get("rounds", 1)
+    spread = f" {'ratio range':>11}" if rounds > 1 else ""
     lines = [
-        f"{'workload':10} {'task':10} {'who':20} {'images/s':>9} {'vs ref':>7} {'GFLOP/s':>9} "
-        f"{'% peak':>7} {'RSS MiB':>8} {'rel err':>8}"
+        f"{'workload':10} {'task':10} {'who':20} {'images/s':>9} {'vs ref':>7}{spread} "
+        f"{'GFLOP/s':>9} {'% peak':>7} {'RSS MiB':>8} {'rel err':>8}"
     ]
     for workload, entry in report["workloads"].items():
         runs, per_image = entry["runs"], entry["flops_per_image"]
         ref = runs["vit-pytorch"]
-        for task in tasks(report["settings"]):
+        for task in tasks(settings):
             batch = int(task.split("_b")[1])
             work = per_image["train" if task.startswith("train") else "forward"] * batch
             for who, run in runs.items():
@@ -459,24 +516,32 @@ def table(report) -> str:
                     lines.append(f"{workload:10} {task:10} {who:20} error: {run['error'][:60]}")
                     continue
                 seconds = run[task]
-                ratio = ref[task] / seconds if "error" not in ref else float("nan")
+                if "vs_ref" in run:  # paired with the reference's run of each round
+                    ratio = run["vs_ref"][task]
+                else:  # a report from before rounds existed
+                    ratio = ref[task] / seconds if "error" not in ref else float("nan")
                 gflops = work / seconds / 1e9
+                low, high = run.get("vs_ref_range", {}).get(task, (float("nan"),) * 2)
+                spread = f" {low:5.2f}-{high:<5.2f}" if rounds > 1 else ""
                 lines.append(
-                    f"{workload:10} {task:10} {who:20} {batch / seconds:9.2f} {ratio:6.2f}x "
-                    f"{gflops:9.1f} {100 * gflops / peak:6.1f}% {run['peak_rss_mib']:8.0f} "
-                    f"{run.get('rel_err', float('nan')):8.1e}"
+                    f"{workload:10} {task:10} {who:20} {batch / seconds:9.2f} {ratio:6.2f}x"
+                    f"{spread} {gflops:9.1f} {100 * gflops / peak:6.1f}% "
+                    f"{run['peak_rss_mib']:8.0f} {run.get('rel_err', float('nan')):8.1e}"
                 )
         for who, run in runs.items():
             if "attention_kernels" in run:
                 found = ", ".join(run["attention_kernels"]) or "none (unfused attention)"
                 lines.append(f"{workload:10} attention kernels, {who}: {found}")
-    machine, settings = report["machine"], report["settings"]
+    machine = report["machine"]
     where = f"{machine['processor']}, {machine['cpus']} CPUs"
     if machine.get("gpu"):
         where = f"{machine['gpu']} ({where})"
     peak_dtype = machine.get("matmul_peak_dtype", "float32")
+    end = machine.get("matmul_peak_gflops_end")
+    at_end = f" ({end} at the end)" if end is not None else ""
+    times = f"{rounds} rounds of " if rounds > 1 else ""
     lines.append(
-        f"machine: {where}, {peak_dtype} matmul peak {peak} GFLOP/s; median of "
+        f"machine: {where}, {peak_dtype} matmul peak {peak} GFLOP/s{at_end}; {times}median of "
         f"{settings['repeats']} runs after {settings['warmup']} warm-up"
     )
     return "\n".join(lines)
@@ -490,6 +555,13 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", action="append", choices=list(RUNS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the reference and every vitkit run this many times, in turn; ratios are "
+        "the median of each round's ratio to the reference's run of the same round",
+    )
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument(
         "--precision",
@@ -510,6 +582,8 @@ def main(argv=None) -> int:
     for name in ("infer_batch", "train_batch"):
         if any(batch < 1 for batch in getattr(args, name) or ()):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     options = dict(
         precision=args.precision,
         infer_batches=tuple(args.infer_batch or INFERENCE_BATCHES),
@@ -534,6 +608,7 @@ def main(argv=None) -> int:
         args.backend or installed_backends(),
         args.warmup,
         args.repeats,
+        rounds=args.rounds,
         **options,
     )
     print(table(report))
