@@ -19,15 +19,26 @@ EPOCHS = 4
 TRAIN = ["train", "simple_vit", "--epochs", EPOCHS, "--limit", 200, "--batch-size", 10]
 
 
-def command(out):
-    return [sys.executable, "-m", "vitkit", *map(str, TRAIN), "--verbose", "0", "--out", out]
+# The killed run: enough epochs that it is still training when the test kills it, 0.3 s after
+# its second backup, on a fast machine too (an AMD EPYC trains an epoch of these in about
+# 0.1 s on JAX: with 4 epochs, a run was once done before the kill).
+KILLED_EPOCHS = 12
+
+
+def command(out, epochs=EPOCHS):
+    train = [*map(str, TRAIN), "--epochs", str(epochs)]
+    return [sys.executable, "-m", "vitkit", *train, "--verbose", "0", "--out", out]
 
 
 def test_a_killed_run_resumes_from_its_last_epoch(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     first = subprocess.Popen(
-        command(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command(out, KILLED_EPOCHS),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     metadata = out / "backup" / "training_metadata.json"
     deadline = time.time() + 600
@@ -51,15 +62,18 @@ def test_a_killed_run_resumes_from_its_last_epoch(tmp_path):
     ]
     assert logged[:2] == [0, 1]
 
-    second = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(
+        command(out, KILLED_EPOCHS), env=env, capture_output=True, text=True, timeout=900
+    )
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from epoch " in second.stdout, second.stdout
     resumed = int(second.stdout.split("resuming from epoch ")[1].split(":")[0])
-    assert 3 <= resumed <= EPOCHS, second.stdout  # epochs 1 and 2 are not trained again
+    assert 3 <= resumed <= KILLED_EPOCHS, second.stdout  # epochs 1 and 2 are not trained again
     history = json.loads((out / "history.json").read_text())
-    assert len(history["loss"]) == EPOCHS  # the same number of epochs as an unbroken run
+    assert len(history["loss"]) == KILLED_EPOCHS  # as many epochs as an unbroken run
     rows = [json.loads(line)["epoch"] for line in (out / "history.jsonl").read_text().splitlines()]
-    assert rows == list(range(EPOCHS))
-    assert json.loads((out / "metrics.json").read_text())["epochs"] == EPOCHS
+    assert rows == list(range(KILLED_EPOCHS))
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == KILLED_EPOCHS
     assert (out / "model.keras").is_file() and not (out / "backup").exists()
 
 
