@@ -359,14 +359,9 @@ def relative_error(ours, reference) -> float:
 def cpu_model() -> str:
     """The CPU's model name where the OS says it (Linux), else "": XLA's and torch's matrix
     kernels rank differently on different CPUs, so a result needs it."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    from vitkit.layers.backend_quirks import cpuinfo_field
+
+    return cpuinfo_field("model name")
 
 
 def installed_backends() -> list:
@@ -454,7 +449,7 @@ def merge_rounds(results: list) -> dict:
     if failed:
         return {"error": failed[0]}
     merged = dict(results[0])
-    timed = [key for key, value in merged.items() if key.startswith(("infer_b", "train_b"))]
+    timed = [key for key in merged if key.startswith(("infer_b", "train_b"))]
     for key in timed:
         merged[key] = statistics.median(result[key] for result in results)
     for key in ("peak_rss_mib", "peak_device_mib"):

@@ -203,6 +203,19 @@ add_channels_first_bias = (
 )
 
 
+def cpuinfo_field(name):
+    """A field of the first CPU in /proc/cpuinfo (Linux: "vendor_id", "model name"), else "":
+    matrix kernels rank differently on different CPUs."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _same_padding(size, kernel, stride, dilation):
     """Keras' (TensorFlow's) "same" padding of one spatial axis: (before, after)."""
     out = -(-size // stride)
@@ -457,21 +470,11 @@ if _TORCH:
     # size down to batch 1; forward and backward together (the backward also through oneDNN)
     # 1.3-1.7x. On an Intel CPU MKL is at home: it keeps `addmm`. `ONEDNN_DENSE = False` turns
     # it off, `True` on.
-    def _cpu_vendor():
-        try:
-            with open("/proc/cpuinfo") as info:
-                for line in info:
-                    if line.startswith("vendor_id"):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return ""
-
     _LINEAR_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     ONEDNN_DENSE = (
         _LINEAR_POINTWISE is not None
         and torch.backends.mkldnn.is_available()
-        and _cpu_vendor() == "AuthenticAMD"
+        and cpuinfo_field("vendor_id") == "AuthenticAMD"
     )
 
     def _onednn_linear(rows, kernel, bias):
