@@ -674,6 +674,80 @@ def test_depthwise_conv_as_shifts_matches_keras(
         assert keras.backend.standardize_dtype(half.dtype) == "bfloat16"
 
 
+def _input_and_kernel_gradients(conv, x, kernel, projection):
+    """d(sum(conv(x, kernel) * projection)) / d(x, kernel), compiled where the backend
+    compiles (`jax.jit`, TensorFlow's `jit_compile=True`: the XLA:CPU path)."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        def loss(x, kernel):
+            return keras.ops.sum(conv(x, kernel) * projection)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True)
+        def grads(x, kernel):
+            with tf.GradientTape() as tape:
+                tape.watch([x, kernel])
+                loss = tf.reduce_sum(conv(x, kernel) * projection)
+            return tape.gradient(loss, [x, kernel])
+
+        return grads(tf.constant(x), tf.constant(kernel))
+    import torch
+
+    x, kernel = (torch.tensor(a, requires_grad=True) for a in (x, kernel))
+    keras.ops.sum(conv(x, kernel) * torch.as_tensor(projection)).backward()
+    return x.grad, kernel.grad
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize(
+    "multiplier, strides, padding, dilation",
+    [
+        (1, 1, "same", 1),
+        (1, 2, "same", 1),
+        (2, 2, "valid", 1),
+        (1, 1, "same", 2),
+        (1, 3, "same", 1),
+    ],
+)
+def test_depthwise_conv_as_shifts_differentiates_like_keras(
+    data_format, multiplier, strides, padding, dilation
+):
+    """The shifted windows' gradients (on JAX its own backward pass: the output's gradient
+    padded and dilated once, then windows times the flipped kernel) are the convolution's,
+    for the input and the kernel, with strides (uneven "same" padding, a stride that skips
+    input rows), dilation and depth multipliers, in both layouts."""
+    from vitkit.layers.backend_quirks import _depthwise_conv_as_shifts
+
+    rng = np.random.default_rng(13)
+    args = ((strides, strides), padding, (dilation, dilation), data_format)
+    for height, width in ((9, 9), (8, 11)):
+        shape = (2, height, width, 4) if data_format == "channels_last" else (2, 4, height, width)
+        x = rng.normal(size=shape).astype("float32")
+        kernel = rng.normal(size=(3, 3, 4, multiplier)).astype("float32")
+        out_shape = keras.ops.depthwise_conv(
+            x, kernel, args[0], padding, data_format, dilation_rate=args[2]
+        ).shape
+        projection = rng.normal(size=tuple(out_shape)).astype("float32")
+        expected = _input_and_kernel_gradients(
+            lambda x, k: keras.ops.depthwise_conv(
+                x, k, args[0], padding, data_format, dilation_rate=args[2]
+            ),
+            x,
+            kernel,
+            projection,
+        )
+        got = _input_and_kernel_gradients(
+            lambda x, k: _depthwise_conv_as_shifts(x, k, *args), x, kernel, projection
+        )
+        for ours, theirs in zip(got, expected):
+            np.testing.assert_allclose(as_numpy(ours), as_numpy(theirs), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_depthwise_conv_layer_takes_the_shifts_under_xla_on_cpu(monkeypatch, data_format):
     """vitkit's DepthwiseConv2D (bias, stride 2, "same") gives Keras' layer's numbers with the
