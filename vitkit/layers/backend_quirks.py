@@ -262,12 +262,12 @@ def _jax_sum_of_windows():
     """`_sum_of_windows` with its gradient written out for XLA:CPU. Differentiated as it
     stands, the input's gradient is `kh * kw` zero-padded windows of the output's gradient
     added up (a pad per term, each element bounds-checked in every one): the profile of
-    CvT-13's training step put about a fifth of its op time in the depth-wise projections. Here the output's gradient is
-    padded (and dilated by the strides) once, and the input's gradient is the sum of its
-    windows times the flipped kernel: the forward pass's own form. The kernel's gradient is
-    each window of the input times the output's gradient, summed over all but the channels,
-    as before. CvT-13's gradient at batch 8 (AMD EPYC, A/B in one process, median of 8):
-    1184 -> 1141 ms."""
+    CvT-13's training step put about a fifth of its op time in the depth-wise projections.
+    Here the output's gradient is padded (and dilated by the strides) once, and the input's
+    gradient is the sum of its windows times the flipped kernel: the forward pass's own
+    form. The kernel's gradient is each window of the input times the output's gradient,
+    summed over all but the channels, as before. CvT-13's gradient at batch 8 (AMD EPYC, A/B
+    in one process, median of 8): 1184 -> 1141 ms."""
     import jax
     import jax.numpy as jnp
 
