@@ -257,19 +257,67 @@ def _sum_of_windows(x, weights, geometry):
     return y
 
 
+def _dilated(x, strides, spatial):
+    """`x` with `s - 1` zeros between neighbours along each spatial axis of stride `s`."""
+    ops = keras.ops
+    for axis, s in zip(spatial, strides):
+        if s > 1:
+            n = x.shape[axis]
+            x = ops.expand_dims(x, axis + 1)
+            pads = [(0, 0)] * len(x.shape)
+            pads[axis + 1] = (0, s - 1)
+            shape = [-1 if size is None else size for size in x.shape]
+            shape[axis : axis + 2] = [n * s]
+            x = ops.reshape(ops.pad(x, pads), shape)
+            start, stop = [0] * len(shape), list(x.shape)
+            stop[axis] = (n - 1) * s + 1
+            x = _strided_slice(x, start, stop, [1] * len(shape))
+    return x
+
+
+def _windows_gradients(x, weights, grad, geometry):
+    """The gradients of `_sum_of_windows(x, weights, geometry)` (input and weights) for the
+    output's gradient `grad`, written out for XLA:CPU. Differentiated as it stands, the
+    input's gradient is `kh * kw` zero-padded windows of the output's gradient added up (a
+    pad per term, each element bounds-checked in every one): the profile of CvT-13's
+    training step on JAX put about a fifth of its op time in the depth-wise projections.
+    Here the output's gradient is dilated by the strides and padded once, and the input's
+    gradient is the sum of its windows times the flipped kernel: the forward pass's own
+    form. The weights' gradient is each window of the input times the output's gradient,
+    summed over all but the channels, as before. CvT-13's gradient at batch 8 (AMD EPYC, A/B
+    in one process): JAX 1184 -> 1141 ms (median of 8), TensorFlow inside `jit_compile=True`
+    1133 -> 977 ms (median of 6)."""
+    ops = keras.ops
+    out, strides, dilation_rate, spatial = geometry
+    kernel_size = tuple(weights.shape[:2])
+    channels = next(a for a in range(1, len(x.shape)) if a not in spatial)
+    others = tuple(a for a in range(len(x.shape)) if a != channels)
+    dilated = _dilated(grad, strides, spatial)
+    pads = [(0, 0)] * len(x.shape)
+    for axis, k, d in zip(spatial, kernel_size, dilation_rate):
+        pads[axis] = ((k - 1) * d, x.shape[axis] - dilated.shape[axis])
+    padded = ops.pad(dilated, pads)
+    x_grad, weights_grad = None, []
+    for i, j, start, stop, step in _shifted_windows(
+        x.shape, kernel_size, out, strides, dilation_rate, spatial
+    ):
+        window = _strided_slice(x, start, stop, step)
+        weights_grad.append(ops.sum(window * grad, axis=others))
+        # x[p] met grad[(p - start) / s] through weights[i, j]: padded[p + (k-1) d - start]
+        first, last = [0] * len(x.shape), list(x.shape)
+        for axis, k, d in zip(spatial, kernel_size, dilation_rate):
+            first[axis] = (k - 1) * d - start[axis]
+            last[axis] = first[axis] + x.shape[axis]
+        term = _strided_slice(padded, first, last, [1] * len(first)) * weights[i, j]
+        x_grad = term if x_grad is None else x_grad + term
+    return x_grad, ops.reshape(ops.stack(weights_grad), weights.shape)
+
+
 @functools.cache
 def _jax_sum_of_windows():
-    """`_sum_of_windows` with its gradient written out for XLA:CPU. Differentiated as it
-    stands, the input's gradient is `kh * kw` zero-padded windows of the output's gradient
-    added up (a pad per term, each element bounds-checked in every one): the profile of
-    CvT-13's training step put about a fifth of its op time in the depth-wise projections.
-    Here the output's gradient is padded (and dilated by the strides) once, and the input's
-    gradient is the sum of its windows times the flipped kernel: the forward pass's own
-    form. The kernel's gradient is each window of the input times the output's gradient,
-    summed over all but the channels, as before. CvT-13's gradient at batch 8 (AMD EPYC, A/B
-    in one process, median of 8): 1184 -> 1141 ms."""
+    """`_sum_of_windows` differentiated by `_windows_gradients` (a `jax.custom_vjp`: no
+    forward-mode derivative; reverse mode to any order)."""
     import jax
-    import jax.numpy as jnp
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
     def sum_of_windows(x, weights, geometry):
@@ -279,32 +327,24 @@ def _jax_sum_of_windows():
         return _sum_of_windows(x, weights, geometry), (x, weights)
 
     def backward(geometry, residuals, grad):
-        x, weights = residuals
-        out, strides, dilation_rate, spatial = geometry
-        kernel_size = weights.shape[:2]
-        channels = next(a for a in range(1, x.ndim) if a not in spatial)
-        others = tuple(a for a in range(x.ndim) if a != channels)
-        padding = [(0, 0, 0)] * x.ndim
-        for axis, k, s, d in zip(spatial, kernel_size, strides, dilation_rate):
-            padding[axis] = ((k - 1) * d, x.shape[axis] - (grad.shape[axis] - 1) * s - 1, s - 1)
-        padded = jax.lax.pad(grad, jnp.zeros((), grad.dtype), padding)
-        x_grad, kernel_grad = None, []
-        for i, j, start, stop, step in _shifted_windows(
-            x.shape, kernel_size, out, strides, dilation_rate, spatial
-        ):
-            window = jax.lax.slice(x, start, stop, step)
-            kernel_grad.append(jnp.sum(window * grad, axis=others))
-            # x[p] met grad[(p - start) / s] through weights[i, j]: padded[p + (k-1) d - start]
-            first = [0] * x.ndim
-            for axis, k, d in zip(spatial, kernel_size, dilation_rate):
-                first[axis] = (k - 1) * d - start[axis]
-            last = [f + size for f, size in zip(first, x.shape)]
-            term = jax.lax.slice(padded, first, last) * weights[i, j]
-            x_grad = term if x_grad is None else x_grad + term
-        return x_grad, jnp.reshape(jnp.stack(kernel_grad), weights.shape)
+        return _windows_gradients(*residuals, grad, geometry)
 
     sum_of_windows.defvjp(forward, backward)
     return sum_of_windows
+
+
+def _tf_sum_of_windows(x, weights, geometry):
+    """`_sum_of_windows` differentiated by `_windows_gradients` (`tf.custom_gradient`)."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def sum_of_windows(x, weights):
+        def gradients(grad):
+            return _windows_gradients(x, weights, grad, geometry)
+
+        return _sum_of_windows(x, weights, geometry), gradients
+
+    return sum_of_windows(x, weights)
 
 
 def _depthwise_conv_as_shifts(x, kernel, strides, padding, dilation_rate, data_format):
@@ -334,6 +374,8 @@ def _depthwise_conv_as_shifts(x, kernel, strides, padding, dilation_rate, data_f
     geometry = (out, tuple(strides), tuple(dilation_rate), spatial)
     if _JAX:
         y = _jax_sum_of_windows()(x, weights, geometry)
+    elif _TENSORFLOW:
+        y = _tf_sum_of_windows(x, weights, geometry)
     else:
         y = _sum_of_windows(x, weights, geometry)
     return ops.cast(y, dtype)
