@@ -285,8 +285,8 @@ def _windows_gradients(x, weights, grad, geometry):
     gradient is the sum of its windows times the flipped kernel: the forward pass's own
     form. The weights' gradient is each window of the input times the output's gradient,
     summed over all but the channels, as before. CvT-13's gradient at batch 8 (AMD EPYC, A/B
-    in one process): JAX 1184 -> 1141 ms (median of 8), TensorFlow inside `jit_compile=True`
-    1133 -> 977 ms (median of 6)."""
+    in one process, median of 8): JAX 1206 -> 1139 ms, TensorFlow inside `jit_compile=True`
+    1030 -> 907 ms."""
     ops = keras.ops
     out, strides, dilation_rate, spatial = geometry
     kernel_size = tuple(weights.shape[:2])
