@@ -4,6 +4,7 @@ workload here: the test checks the pipeline and its report, not the speed)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -36,6 +37,11 @@ def test_benchmark_runs_vitkit_and_vit_pytorch_on_the_same_weights(tmp_path, cap
     assert report["machine"]["matmul_peak_gflops"] > 0
     table = capsys.readouterr().out
     assert f"vitkit-{BACKEND}" in table and "vs ref" in table and "wrote" in table
+    # each vitkit run reports the XLA flags it ran with: this process's, which importing
+    # vitkit here already settled (so the worker's import adds nothing)
+    flags = os.environ.get("XLA_FLAGS", "")
+    assert runs[f"vitkit-{BACKEND}"]["xla_flags"] == flags
+    assert (f"XLA_FLAGS, vitkit-{BACKEND}: {flags}" in table) == bool(flags)
     assert bench.table(report).splitlines()[0] in table
 
 

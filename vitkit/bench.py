@@ -524,6 +524,8 @@ def table(report) -> str:
                     f"{run['peak_rss_mib']:8.0f} {run.get('rel_err', float('nan')):8.1e}"
                 )
         for who, run in runs.items():
+            if run.get("xla_flags") and who.startswith("vitkit-"):
+                lines.append(f"{workload:10} XLA_FLAGS, {who}: {run['xla_flags']}")
             if "attention_kernels" in run:
                 found = ", ".join(run["attention_kernels"]) or "none (unfused attention)"
                 lines.append(f"{workload:10} attention kernels, {who}: {found}")
@@ -595,6 +597,8 @@ def main(argv=None) -> int:
                 workload, args.weights, args.warmup, args.repeats, jit, **options
             )
         result["peak_rss_mib"] = peak_rss_mib()
+        # what XLA ran with (vitkit may add its CPU scheduler default on import)
+        result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
 

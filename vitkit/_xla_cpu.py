@@ -1,0 +1,125 @@
+"""XLA:CPU's scheduler on small CPU hosts, chosen before JAX starts.
+
+XLA:CPU orders a compiled program for concurrency by default: independent operations run side
+by side on its thread pool. On a host with one or two CPUs every matrix product already uses
+all of them, so running others beside it only makes them contend, and the extra buffers kept
+alive raise the peak memory. Turning the concurrency-optimised scheduler off there gave, on a
+2-vCPU AMD EPYC with jax 0.10.2 (docs/performance.md has the runs):
+
+- CvT-13's training step at batch 8: 1121 -> 1017 ms (vitkit's train_on_batch, median of 6);
+  against vit-pytorch in the same bench run, 0.86x -> 0.97x; inference 1.21x -> 1.47x at
+  batch 8; peak RSS 3513 -> 3059 MiB.
+- ViT-S/16: unchanged (within the runs' spread), as is TensorFlow's XLA (which reads the same
+  variable).
+
+XLA reads `XLA_FLAGS` once, when JAX's backend starts, and refuses to start on a flag it does
+not know. So vitkit adds `--xla_cpu_enable_concurrency_optimized_scheduler=false` while it is
+imported, before any JAX computation, and only where all of these hold:
+
+- Keras' backend is JAX;
+- the host gives this process at most `MAX_CPUS` CPUs (the size measured; more cores may
+  profit from concurrency);
+- `XLA_FLAGS` does not already choose a CPU scheduler;
+- every installed XLA that reads `XLA_FLAGS` (jaxlib, and TensorFlow, which a child process
+  or an export may start) is a release known to have the flag (`KNOWN_RELEASES`).
+
+`VITKIT_XLA_CPU_DEFAULTS=0` leaves `XLA_FLAGS` alone; `=1` adds the flag whatever the CPU
+count (the version and user-choice checks still apply).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+
+FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+# A user's own choice of either scheduler flag wins.
+USER_CHOICE = re.compile(r"--xla_cpu_(enable_concurrency_optimized_scheduler|scheduler_type)\b")
+MAX_CPUS = 2
+SWITCH = "VITKIT_XLA_CPU_DEFAULTS"
+
+# Releases checked to know the flag: [first, end) as (major, minor). Each XLA aborts on an
+# unknown flag, so a release outside its window gets nothing until someone checks it.
+KNOWN_RELEASES = {
+    "jaxlib": ((0, 10), (0, 11)),
+    "tensorflow": ((2, 21), (2, 22)),
+}
+TENSORFLOW_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos")
+
+
+def release(version: str | None):
+    """'0.10.2' -> (0, 10); None where there is no version or it does not parse."""
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def installed_versions() -> dict:
+    """{"jaxlib": version or None, "tensorflow": version or None or "unknown"}: None where it is
+    not installed, "unknown" where it imports but no distribution says its version."""
+    versions = {"jaxlib": None, "tensorflow": None}
+    if importlib.util.find_spec("jaxlib") is not None:
+        versions["jaxlib"] = _distribution_version(("jaxlib",)) or "unknown"
+    if importlib.util.find_spec("tensorflow") is not None:
+        versions["tensorflow"] = _distribution_version(TENSORFLOW_DISTRIBUTIONS) or "unknown"
+    return versions
+
+
+def _distribution_version(names) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def xla_flags_with_defaults(environ, backend: str, cpus: int, versions: dict) -> str | None:
+    """The `XLA_FLAGS` value vitkit would set, or None to leave it as it is (see the module's
+    docstring for the rules)."""
+    switch = environ.get(SWITCH, "").strip()
+    if switch == "0" or backend != "jax":
+        return None
+    current = environ.get("XLA_FLAGS", "")
+    if USER_CHOICE.search(current):
+        return None
+    if cpus > MAX_CPUS and switch != "1":
+        return None
+    if versions.get("jaxlib") is None:
+        return None
+    for package, version in versions.items():
+        if version is None and package != "jaxlib":
+            continue  # not installed: nothing to break
+        first, end = KNOWN_RELEASES[package]
+        found = release(version)
+        if found is None or not first <= found < end:
+            return None
+    return f"{current} {FLAG}".strip()
+
+
+def _jax_started() -> bool:
+    """Whether JAX's backends are already up (then XLA has read its flags)."""
+    import sys
+
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    return bool(getattr(bridge, "_backends", None))
+
+
+def apply_defaults(backend: str) -> bool:
+    """Set `XLA_FLAGS` for `backend` if the rules say so; True where it was set."""
+    if _jax_started():
+        return False
+    flags = xla_flags_with_defaults(os.environ, backend, cpu_count(), installed_versions())
+    if flags is None:
+        return False
+    os.environ["XLA_FLAGS"] = flags
+    return True
