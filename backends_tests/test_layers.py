@@ -580,6 +580,85 @@ def test_dot_product_attention_matches_softmax_attention(with_bias):
     np.testing.assert_allclose(as_numpy(got), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "batch, queries, keys, heads, chunk",
+    [(2, 12, 5, 1, 4), (2, 13, 7, 3, 5), (1, 9, 9, 2, 9), (1, 6, 4, 2, 16)],
+)
+def test_attention_in_query_chunks_is_the_whole_attention(batch, queries, keys, heads, chunk):
+    """`attention_in_query_chunks` (JAX on a CPU, large score tensors), written in keras.ops
+    and so checked on every backend: the values and the gradients of q, k and v are the
+    whole attention's, with and without padding the queries to whole chunks (13 by 5, and
+    a chunk longer than the queries)."""
+    from vitkit.layers.backend_quirks import _attention_heads_first, attention_in_query_chunks
+
+    rng = np.random.default_rng(7)
+    q, k, v = (
+        rng.normal(size=(batch, n, heads, 4)).astype("float32") for n in (queries, keys, keys)
+    )
+
+    def chunked(q, k, v):
+        return attention_in_query_chunks(q, k, v, 0.3, chunk)
+
+    def whole(q, k, v):
+        return _attention_heads_first(q, k, v, None, 0.3)
+
+    tensors = [keras.ops.convert_to_tensor(t) for t in (q, k, v)]
+    got, expected = chunked(*tensors), whole(*tensors)
+    assert tuple(got.shape) == q.shape
+    np.testing.assert_allclose(as_numpy(got), as_numpy(expected), rtol=1e-5, atol=1e-6)
+    projection = rng.normal(size=q.shape).astype("float32")
+    for ours, theirs in zip(
+        _gradients(chunked, (q, k, v), projection), _gradients(whole, (q, k, v), projection)
+    ):
+        np.testing.assert_allclose(as_numpy(ours), as_numpy(theirs), rtol=1e-5, atol=1e-5)
+
+
+def test_query_chunks_only_for_large_scores():
+    """Chunks of about CHUNK_SCORES bytes of scores, covering every query, only above
+    CHUNK_ABOVE bytes: CvT-13's stage 1 and 2 at batch 8 are chunked, ViT-S/16's scores and
+    unknown (symbolic) sizes are not."""
+    from vitkit.layers.backend_quirks import CHUNK_SCORES, query_chunk
+
+    assert query_chunk(8, 197, 6, 197) is None  # ViT-S/16, 7 MiB
+    assert query_chunk(None, 3136, 1, 784) is None
+    for batch, queries, heads, keys in [(8, 3136, 1, 784), (8, 784, 3, 196), (1, 50000, 2, 300)]:
+        chunk = query_chunk(batch, queries, heads, keys)
+        row = 4 * batch * heads * keys
+        assert 0 < chunk < queries and chunk * row <= CHUNK_SCORES + row
+        chunks = -(-queries // chunk)
+        assert chunks * chunk - queries < chunk  # the padding is less than one chunk
+        assert row * queries / chunks <= CHUNK_SCORES
+
+
+def test_dot_product_attention_chunks_large_scores_on_jax_cpu(monkeypatch):
+    """With the threshold lowered, `dot_product_attention` takes the chunked path exactly
+    where it is meant to (JAX on a CPU, float32, no bias or mask) and still gives the
+    softmax attention's numbers; with a bias it keeps the whole path."""
+    from vitkit.layers import backend_quirks
+
+    calls = []
+    chunked = backend_quirks.attention_in_query_chunks
+
+    def spy(*args):
+        calls.append(args[-1])
+        return chunked(*args)
+
+    monkeypatch.setattr(backend_quirks, "attention_in_query_chunks", spy)
+    monkeypatch.setattr(backend_quirks, "CHUNK_ABOVE", 100)
+    monkeypatch.setattr(backend_quirks, "CHUNK_SCORES", 50)
+    rng = np.random.default_rng(8)
+    q, k, v = (rng.normal(size=(2, n, 1, 4)).astype("float32") for n in (9, 6, 6))
+    tensors = [keras.ops.convert_to_tensor(t) for t in (q, k, v)]
+    got = backend_quirks.dot_product_attention(*tensors, scale=0.3)
+    expected = backend_quirks._attention_heads_first(*tensors, None, 0.3)
+    np.testing.assert_allclose(as_numpy(got), as_numpy(expected), rtol=1e-5, atol=1e-6)
+    on_jax_cpu = keras.config.backend() == "jax" and backend_quirks._jax_on_cpu()
+    assert calls == ([1] if on_jax_cpu else [])  # 48-byte rows, 50-byte chunks: one query each
+    bias = keras.ops.zeros((1, 1, 9, 6))
+    backend_quirks.dot_product_attention(*tensors, bias=bias, scale=0.3)
+    assert len(calls) == (1 if on_jax_cpu else 0)
+
+
 def test_attention_padded_to_even_lengths_matches_unpadded():
     """JAX on a GPU pads odd sequence lengths by one for cuDNN's fused attention and masks
     the padding with the true lengths (`_jax_attention_padded_to_even`). Checked here with
@@ -674,33 +753,33 @@ def test_depthwise_conv_as_shifts_matches_keras(
         assert keras.backend.standardize_dtype(half.dtype) == "bfloat16"
 
 
-def _input_and_kernel_gradients(conv, x, kernel, projection):
-    """d(sum(conv(x, kernel) * projection)) / d(x, kernel), compiled where the backend
-    compiles (`jax.jit`, TensorFlow's `jit_compile=True`: the XLA:CPU path)."""
+def _gradients(fn, arrays, projection):
+    """d(sum(fn(*arrays) * projection)) / d(arrays), compiled where the backend compiles
+    (`jax.jit`, TensorFlow's `jit_compile=True`: the XLA:CPU path)."""
     backend = keras.config.backend()
     if backend == "jax":
         import jax
 
-        def loss(x, kernel):
-            return keras.ops.sum(conv(x, kernel) * projection)
+        def loss(*arrays):
+            return keras.ops.sum(fn(*arrays) * projection)
 
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
+        return jax.jit(jax.grad(loss, argnums=tuple(range(len(arrays)))))(*arrays)
     if backend == "tensorflow":
         import tensorflow as tf
 
         @tf.function(jit_compile=True)
-        def grads(x, kernel):
+        def grads(*arrays):
             with tf.GradientTape() as tape:
-                tape.watch([x, kernel])
-                loss = tf.reduce_sum(conv(x, kernel) * projection)
-            return tape.gradient(loss, [x, kernel])
+                tape.watch(arrays)
+                loss = tf.reduce_sum(fn(*arrays) * projection)
+            return tape.gradient(loss, list(arrays))
 
-        return grads(tf.constant(x), tf.constant(kernel))
+        return grads(*map(tf.constant, arrays))
     import torch
 
-    x, kernel = (torch.tensor(a, requires_grad=True) for a in (x, kernel))
-    keras.ops.sum(conv(x, kernel) * torch.as_tensor(projection)).backward()
-    return x.grad, kernel.grad
+    arrays = [torch.tensor(a, requires_grad=True) for a in arrays]
+    keras.ops.sum(fn(*arrays) * torch.as_tensor(projection)).backward()
+    return [a.grad for a in arrays]
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
@@ -733,16 +812,15 @@ def test_depthwise_conv_as_shifts_differentiates_like_keras(
             x, kernel, args[0], padding, data_format, dilation_rate=args[2]
         ).shape
         projection = rng.normal(size=tuple(out_shape)).astype("float32")
-        expected = _input_and_kernel_gradients(
+        expected = _gradients(
             lambda x, k: keras.ops.depthwise_conv(
                 x, k, args[0], padding, data_format, dilation_rate=args[2]
             ),
-            x,
-            kernel,
+            (x, kernel),
             projection,
         )
-        got = _input_and_kernel_gradients(
-            lambda x, k: _depthwise_conv_as_shifts(x, k, *args), x, kernel, projection
+        got = _gradients(
+            lambda x, k: _depthwise_conv_as_shifts(x, k, *args), (x, kernel), projection
         )
         for ours, theirs in zip(got, expected):
             np.testing.assert_allclose(as_numpy(ours), as_numpy(theirs), rtol=1e-5, atol=1e-5)

@@ -16,7 +16,13 @@ import numpy as np
 from vitkit import cli, data
 
 EPOCHS = 4
-TRAIN = ["train", "simple_vit", "--epochs", EPOCHS, "--limit", 200, "--batch-size", 10]
+
+
+def train_args(epochs=EPOCHS):
+    return ["train", "simple_vit", "--epochs", str(epochs), "--limit", "200", "--batch-size", "10"]
+
+
+TRAIN = train_args()
 
 
 # The killed run: enough epochs that it is still training when the test kills it, 0.3 s after
@@ -26,8 +32,7 @@ KILLED_EPOCHS = 12
 
 
 def command(out, epochs=EPOCHS):
-    train = [*map(str, TRAIN), "--epochs", str(epochs)]
-    return [sys.executable, "-m", "vitkit", *train, "--verbose", "0", "--out", out]
+    return [sys.executable, "-m", "vitkit", *train_args(epochs), "--verbose", "0", "--out", out]
 
 
 def test_a_killed_run_resumes_from_its_last_epoch(tmp_path):
