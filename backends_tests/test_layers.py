@@ -616,11 +616,14 @@ def test_attention_in_query_chunks_is_the_whole_attention(batch, queries, keys, 
 def test_query_chunks_only_for_large_scores():
     """Chunks of about CHUNK_SCORES bytes of scores, covering every query, only above
     CHUNK_ABOVE bytes: CvT-13's stage 1 and 2 at batch 8 are chunked, ViT-S/16's scores and
-    unknown (symbolic) sizes are not."""
+    unknown or symbolic sizes (an export's dynamic batch) are not."""
     from vitkit.layers.backend_quirks import CHUNK_SCORES, query_chunk
 
     assert query_chunk(8, 197, 6, 197) is None  # ViT-S/16, 7 MiB
     assert query_chunk(None, 3136, 1, 784) is None
+    import jax  # every session installs it
+
+    assert query_chunk(jax.export.symbolic_shape("b")[0], 3136, 1, 784) is None
     for batch, queries, heads, keys in [(8, 3136, 1, 784), (8, 784, 3, 196), (1, 50000, 2, 300)]:
         chunk = query_chunk(batch, queries, heads, keys)
         row = 4 * batch * heads * keys

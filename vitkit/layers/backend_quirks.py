@@ -73,8 +73,8 @@ def query_chunk(batch, queries, heads, keys):
     small enough to stay whole (measured on a 2-vCPU AMD EPYC, one attention's gradient:
     CvT-13's stage 1, 8 x 3136 x 784 scores, 163 -> 78 ms; its stage 2, 8 x 3 x 784 x 196,
     28 -> 19 ms; ViT-S/16's 8 x 6 x 196 x 196 (7 MiB) got slower, 10.7 -> 13.1 ms)."""
-    if None in (batch, queries, heads, keys):
-        return None
+    if not all(isinstance(n, int) for n in (batch, queries, heads, keys)):
+        return None  # unknown or symbolic (an export's dynamic batch): keep it whole
     row = 4 * batch * heads * keys  # one query's scores, float32
     if row * queries <= CHUNK_ABOVE:
         return None
