@@ -9,7 +9,7 @@ import os
 import pytest
 
 from backends_tests.helpers import BACKEND
-from vitkit import bench, cli
+from vitkit import bench, cli, profiling
 
 # this backend's runs (TensorFlow's also without XLA; `torch.compile` compiles for minutes)
 RUNS_HERE = [BACKEND] + (["tensorflow-graph"] if BACKEND == "tensorflow" else [])
@@ -103,3 +103,35 @@ def test_benchmark_rejects_a_batch_size_or_rounds_below_one(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--workload", "vit_tiny", "--rounds", "0"])
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_profile_shows_where_each_training_step_goes(tmp_path, capsys):
+    """`--profile`: each side's training step also runs under its backend's profiler, and the
+    report splits it into matrix products, copies and elementwise work, with its biggest
+    operations. On XLA the operations are grouped through the optimized HLO XLA dumps: were
+    the dump missing, nothing would be traced. The timing runs' XLA flags are reported
+    without the profiler's."""
+    out = tmp_path / "results.json"
+    args = ["bench", "--workload", "vit_tiny", "--warmup", "1", "--repeats", "1", "--profile"]
+    for run in RUNS_HERE:
+        args += ["--backend", run]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["workloads"]["vit_tiny"]["runs"]
+    for who, run in runs.items():
+        assert "error" not in run, (who, run)
+        found = run["profile"]
+        assert found["steps"] == 3 and found["step_ms"] > 0, (who, found)
+        assert found["groups"][profiling.MATRIX] > 0, (who, found)
+        assert found["traced_ms"] == pytest.approx(sum(found["groups"].values()))
+        assert found["traced_ms"] > 0.2 * found["step_ms"], (who, found)
+        top = found["top"]
+        assert 0 < len(top) <= profiling.TOP
+        assert all(op["group"] in profiling.GROUPS for op in top)
+        assert [op["ms"] for op in top] == sorted((op["ms"] for op in top), reverse=True)
+        assert "xla_dump_to" not in run.get("xla_flags", "")
+    if BACKEND in ("jax", "tensorflow"):  # XLA's operations carry their layers' names
+        labels = [op["op"] for op in runs[f"vitkit-{BACKEND}"]["profile"]["top"]]
+        assert any("patch_embed" in label or "transformer" in label for label in labels)
+    table = capsys.readouterr().out
+    assert "where a training step's time goes (train_b8" in table
+    assert all(who in table.split("where a training step")[1] for who in runs)

@@ -12,6 +12,7 @@ matrix-multiply peak.
     vitkit bench                              # every workload, every installed backend
     vitkit bench --workload vit_s16 --repeats 5 --out bench/results.json
     vitkit bench --rounds 3                   # each run three times, in turn (see `benchmark`)
+    vitkit bench --workload vit_s16 --profile # and where each training step's time goes
     vitkit bench --precision bfloat16 --infer-batch 1 --infer-batch 8 --infer-batch 256 \
         --train-batch 8 --train-batch 128 --out bench/results-gpu.json     # on a GPU
 
@@ -20,7 +21,9 @@ Keras backend takes its own default device. Inputs are put on the device before 
 starts, and each timed call ends with its result back on the host (a synchronisation).
 `--precision bfloat16` is mixed precision: float32 weights and bfloat16 arithmetic
 (`torch.autocast` for the reference, Keras' `mixed_bfloat16` dtype policy for vitkit). On a
-GPU the report also names the attention kernels each run reached.
+GPU the report also names the attention kernels each run reached. `--profile` also runs each
+side's last training step under its backend's profiler (`vitkit.profiling`): how much of the step
+is matrix products, copies and elementwise work, and its biggest operations by name.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from vitkit import profiling
 
 # What each vitkit run measures: (Keras backend, compiled). JAX and TensorFlow compile with XLA
 # (`jit_compile=True`); torch runs eagerly, and "torch-compile" through `torch.compile`
@@ -69,6 +74,8 @@ IMAGE_SIZE = 224
 INFERENCE_BATCHES = (1, 8)
 TRAIN_BATCHES = (8,)
 PRECISIONS = ("float32", "bfloat16")
+# where a profiled worker's XLA dumps its optimized HLO (an environment variable)
+PROFILE_HLO_DIR = "VITKIT_BENCH_HLO_DIR"
 
 
 def import_reference(module: str):
@@ -130,6 +137,7 @@ def measure_reference(
     precision: str = "float32",
     infer_batches=INFERENCE_BATCHES,
     train_batches=TRAIN_BATCHES,
+    profile: bool = False,
 ) -> dict:
     import contextlib
 
@@ -175,6 +183,9 @@ def measure_reference(
     if device == "cuda":
         results["attention_kernels"] = torch_attention_kernels(lambda: step())
         results["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if profile:
+        results["peak_rss_mib"] = peak_rss_mib()  # before the profiler's own memory
+        results["profile"] = profiling.profile_torch(step)
     return results
 
 
@@ -187,6 +198,7 @@ def measure_vitkit(
     precision: str = "float32",
     infer_batches=INFERENCE_BATCHES,
     train_batches=TRAIN_BATCHES,
+    profile: bool = False,
 ) -> dict:
     import keras
     import torch
@@ -234,7 +246,23 @@ def measure_vitkit(
             results["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
         elif keras.config.backend() == "jax":
             results["attention_kernels"] = jax_attention_kernels(model, x, y)
+    if profile:
+        results["peak_rss_mib"] = peak_rss_mib()  # before the profiler's own memory
+        results["profile"] = profile_train_step(lambda: model.train_on_batch(x, y), jit)
     return results
+
+
+def profile_train_step(step, jit: bool) -> dict:
+    """`step` under this backend's profiler (`vitkit.profiling`); XLA's HLO was dumped to
+    `PROFILE_HLO_DIR` (see `main`)."""
+    import keras
+
+    backend, dump_dir = keras.config.backend(), os.environ.get(PROFILE_HLO_DIR)
+    if backend == "torch":
+        return profiling.profile_torch(step)
+    if backend == "jax":
+        return profiling.profile_jax(step, dump_dir)
+    return profiling.profile_tensorflow(step, dump_dir if jit else None)
 
 
 # Which attention kernels a GPU run reached ---------------------------------------------------
@@ -340,6 +368,8 @@ def run_worker(who: str, workload: str, weights: str, warmup: int, repeats: int,
         command += ["--infer-batch", str(batch)]
     for batch in options.get("train_batches", TRAIN_BATCHES):
         command += ["--train-batch", str(batch)]
+    if options.get("profile"):
+        command.append("--profile")
     done = subprocess.run(
         [*command, "--worker-out", out], env=env, capture_output=True, text=True, check=False
     )
@@ -385,18 +415,22 @@ def benchmark(
     infer_batches=INFERENCE_BATCHES,
     train_batches=TRAIN_BATCHES,
     rounds=1,
+    profile=False,
 ) -> dict:
     """Every run of every workload, `rounds` times over. A round runs the reference and each
     vitkit run once, each in its own process, and each round starts one run later in that
     order, so that a machine that slows down during the benchmark slows every run alike. A
     run's figure is the median over rounds of its per-round medians, and its ratio to
     vit-pytorch the median of the per-round ratios (each against the reference's run of the
-    same round): `vs_ref`, with the rounds' lowest and highest ratio in `vs_ref_range`."""
+    same round): `vs_ref`, with the rounds' lowest and highest ratio in `vs_ref_range`.
+    `profile`: each run also profiles its last training step (`vitkit.profiling`)."""
     import torch
 
     options = dict(
         precision=precision, infer_batches=list(infer_batches), train_batches=list(train_batches)
     )
+    if profile:
+        options["profile"] = True
     report = {
         "machine": {
             "platform": platform.platform(),
@@ -529,6 +563,8 @@ def table(report) -> str:
             if "attention_kernels" in run:
                 found = ", ".join(run["attention_kernels"]) or "none (unfused attention)"
                 lines.append(f"{workload:10} attention kernels, {who}: {found}")
+        if any("profile" in run for run in runs.values()):
+            lines.append(f"{workload:10} " + profiling.table(runs, tasks(settings)[-1]))
     machine = report["machine"]
     where = f"{machine['processor']}, {machine['cpus']} CPUs"
     if machine.get("gpu"):
@@ -572,6 +608,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--train-batch", type=int, action="append", help="training batch size (repeatable)"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run each side's last training step under its backend's profiler: where "
+        "the step's time goes (matrix products, copies, elementwise) and its biggest operations",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -588,17 +630,28 @@ def main(argv=None) -> int:
     )
 
     if args.worker:  # one measurement, in this process
+        # what XLA runs with (importing vitkit may have added its CPU scheduler default)
+        xla_flags = os.environ.get("XLA_FLAGS", "")
         (workload,) = args.workload
-        if args.worker == "reference":
-            result = measure_reference(workload, args.weights, args.warmup, args.repeats, **options)
-        else:
-            jit = RUNS[args.worker][1]
-            result = measure_vitkit(
-                workload, args.weights, args.warmup, args.repeats, jit, **options
-            )
-        result["peak_rss_mib"] = peak_rss_mib()
-        # what XLA ran with (vitkit may add its CPU scheduler default on import)
-        result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+        with tempfile.TemporaryDirectory() as hlo_dir:
+            if args.profile and args.worker != "reference":
+                # XLA reads its flags when it first compiles, after this
+                added = profiling.xla_flags(hlo_dir, tensorflow=args.worker.startswith("tensor"))
+                os.environ["XLA_FLAGS"] = f"{xla_flags} {added}".strip()
+                os.environ[PROFILE_HLO_DIR] = hlo_dir
+            if args.worker == "reference":
+                result = measure_reference(
+                    workload, args.weights, args.warmup, args.repeats, **options,
+                    profile=args.profile,
+                )  # fmt: skip
+            else:
+                jit = RUNS[args.worker][1]
+                result = measure_vitkit(
+                    workload, args.weights, args.warmup, args.repeats, jit, **options,
+                    profile=args.profile,
+                )  # fmt: skip
+        result.setdefault("peak_rss_mib", peak_rss_mib())
+        result["xla_flags"] = xla_flags
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
 
@@ -608,6 +661,7 @@ def main(argv=None) -> int:
         args.warmup,
         args.repeats,
         rounds=args.rounds,
+        profile=args.profile,
         **options,
     )
     print(table(report))
