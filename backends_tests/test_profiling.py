@@ -4,6 +4,7 @@ own runs are in test_bench.py)."""
 from __future__ import annotations
 
 import collections
+import os
 
 import pytest
 
@@ -192,3 +193,16 @@ def test_report_table_lists_each_profiled_run():
     text = profiling.table({"vit-pytorch": {"profile": summary}, "vitkit-jax": {}}, "train_b8")
     assert "train_b8" in text and "vit-pytorch" in text and "vitkit-jax" not in text
     assert "aten::mm" in text and "100.0%" in text
+
+
+def test_profiled_process_flags_go_before_the_users(monkeypatch, tmp_path):
+    """XLA stops reading XLA_FLAGS at the first word that is not a `--flag`: the dump (and
+    TensorFlow's per-operation trace points) go first, and the user's flags stay."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false not_a_flag=1")
+    profiling.prepare_xla(str(tmp_path), "tensorflow")
+    flags = os.environ["XLA_FLAGS"].split()
+    assert flags == [
+        f"--xla_dump_to={tmp_path}", "--xla_dump_hlo_as_text",
+        "--xla_cpu_enable_xprof_traceme=true",
+        "--xla_cpu_multi_thread_eigen=false", "not_a_flag=1",
+    ]  # fmt: skip

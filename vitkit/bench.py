@@ -635,9 +635,7 @@ def main(argv=None) -> int:
         (workload,) = args.workload
         with tempfile.TemporaryDirectory() as hlo_dir:
             if args.profile and args.worker != "reference":
-                # XLA reads its flags when it first compiles, after this
-                added = profiling.xla_flags(hlo_dir, tensorflow=args.worker.startswith("tensor"))
-                os.environ["XLA_FLAGS"] = f"{xla_flags} {added}".strip()
+                profiling.prepare_xla(hlo_dir, RUNS[args.worker][0])
                 os.environ[PROFILE_HLO_DIR] = hlo_dir
             if args.worker == "reference":
                 result = measure_reference(

@@ -10,10 +10,10 @@ pass's marked `(backward)` where the name tells.
 - torch (vit-pytorch and vitkit's torch runs): `torch.profiler`, each operator's own time
   (on a GPU, its kernels' time).
 - JAX: `jax.profiler`'s trace of XLA's operations, grouped by what each compiled operation
-  contains, read from the optimized HLO that XLA dumps (`xla_flags` adds the dump).
+  contains, read from the optimized HLO that XLA dumps (`prepare_xla` asks for the dump).
 - TensorFlow: `tf.profiler`; with XLA, per-operation events need XLA's own trace points
-  (`xla_flags(..., tensorflow=True)` turns them on) and the HLO dump as on JAX; without XLA,
-  TensorFlow's kernels, grouped by op type.
+  (`prepare_xla` turns them on) and the HLO dump as on JAX; without XLA, TensorFlow's
+  kernels, grouped by op type.
 """
 
 from __future__ import annotations
@@ -211,11 +211,20 @@ def xla_ops(events, steps: int) -> list:
     return ops
 
 
-def xla_flags(dump_dir: str, tensorflow: bool = False) -> str:
-    """The XLA flags a profiled process needs: the HLO dump, and on TensorFlow, XLA's trace
-    points for each operation (JAX's runtime emits them already)."""
+def prepare_xla(dump_dir: str, backend: str) -> None:
+    """Set this process up to be profiled, before XLA first compiles: XLA dumps its optimized
+    HLO to `dump_dir` and, on TensorFlow, traces each operation (JAX's runtime does already).
+    The flags go first in `XLA_FLAGS`, as XLA stops reading it at a word that is not a
+    `--flag`. JAX's persistent compilation cache is turned off: a program found there is not
+    compiled, and so not dumped."""
     flags = f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
-    return flags + (" --xla_cpu_enable_xprof_traceme=true" if tensorflow else "")
+    if backend == "tensorflow":
+        flags += " --xla_cpu_enable_xprof_traceme=true"
+    os.environ["XLA_FLAGS"] = f"{flags} {os.environ.get('XLA_FLAGS', '')}".strip()
+    if backend == "jax":
+        import jax
+
+        jax.config.update("jax_enable_compilation_cache", False)
 
 
 # Summaries --------------------------------------------------------------------------------
