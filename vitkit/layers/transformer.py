@@ -7,7 +7,7 @@ from keras import ops
 
 from vitkit.convert.mapping import Reshaped
 from vitkit.layers.attention import Attention, layer_norm
-from vitkit.layers.backend_quirks import call_sublayer
+from vitkit.layers.backend_quirks import call_sublayer, stored_gradient
 from vitkit.layers.base import VitkitLayer
 from vitkit.layers.feed_forward import FeedForward
 from vitkit.layers.layer_scale import LayerScale, layer_scale_init
@@ -124,6 +124,8 @@ class Transformer(VitkitLayer):
     def call(self, x, context=None, training=None):
         kept = self.kept_blocks(training)
         for index in range(self.depth):
+            # each block's input gradient computed once (see `stored_gradient`)
+            x = stored_gradient(x)
             y = self.residual_block(index, x, context=context, training=training)
             x = y if kept is None else ops.where(kept[index], y, x)
         return call_sublayer(self.norm, x) if self.norm is not None else x

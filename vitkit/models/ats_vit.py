@@ -8,6 +8,7 @@ import numpy as np
 from keras import ops
 
 from vitkit.layers import Attention, Transformer, VitkitLayer
+from vitkit.layers.backend_quirks import stored_gradient
 from vitkit.layers.utils import as_given, gather_tokens, integer
 from vitkit.models.base import ViTLayout
 from vitkit.registry import register_model
@@ -224,6 +225,7 @@ class AdaptiveTokenSamplingTransformer(Transformer):
         mask = None  # every token is real until a block samples
         token_ids = ops.broadcast_to(ops.arange(n, dtype="int32")[None], (batch, n))
         for attention, feed_forward in zip(self.attentions, self.feed_forwards):
+            x = stored_gradient(x)  # see backend_quirks.stored_gradient
             if attention.samples(x.shape[1]):
                 out, ids, mask = attention(x, key_mask=mask, sample=True, training=training)
                 x, out = gather_tokens(x, ids), gather_tokens(out, ids)

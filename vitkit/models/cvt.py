@@ -7,7 +7,7 @@ import keras
 
 from vitkit.convert.mapping import as_feature_map
 from vitkit.layers import Attention, ConvNormAct, Transformer, map_to_tokens, tokens_to_map
-from vitkit.layers.backend_quirks import call_sublayer
+from vitkit.layers.backend_quirks import call_sublayer, stored_gradient
 from vitkit.layers.conv import spatial_size
 from vitkit.layers.utils import DATA_FORMATS, check_choice, check_int, check_rate
 from vitkit.models.base import VitkitModel
@@ -174,6 +174,7 @@ class CvTTransformer(Transformer):
         size = spatial_size(x, self.data_format)
         x = map_to_tokens(x, self.data_format)
         for attention, feed_forward in zip(self.attentions, self.feed_forwards):
+            x = stored_gradient(x)  # see backend_quirks.stored_gradient
             x = call_sublayer(attention, x, size=size, training=training) + x
             x = call_sublayer(feed_forward, x, training=training) + x
         return tokens_to_map(x, size, self.data_format)

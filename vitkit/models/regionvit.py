@@ -17,7 +17,7 @@ from vitkit.layers import (
     window_partition,
 )
 from vitkit.layers.attention import LN_EPSILON
-from vitkit.layers.backend_quirks import GELU
+from vitkit.layers.backend_quirks import GELU, stored_gradient
 from vitkit.layers.conv import ConvNormAct, conv_output_size
 from vitkit.layers.utils import (
     check_int,
@@ -96,6 +96,8 @@ class R2LTransformer(VitkitLayer):
         bias = zero_pad(zero_pad(bias, 1, before=1), 2, before=1)  # the regional token: none
         region = ops.reshape(region, (-1, rh * rw, dim))
         for attention, feed_forward in zip(self.attentions, self.feed_forwards):
+            # each block's input gradients computed once (see `stored_gradient`)
+            local, region = stored_gradient(local), stored_gradient(region)
             region = attention(region, training=training) + region
             # each window's regional token first, then its local tokens
             tokens = ops.concatenate(
