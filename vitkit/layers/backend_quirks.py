@@ -33,9 +33,14 @@ def softmax(x, axis=-1):
 
 
 def _attention_heads_first(q, k, v, bias, scale):
+    """Softmax attention on `(b, h, n, d)` blocks; `scale` multiplies the queries, not the
+    `(b, h, n_q, n_k)` scores: XLA:CPU handed the scores' product to YNNPACK with the scale
+    as a stored tensor of the scores' size, written and read in every layer, forward and
+    backward (ViT-S/16's training step at batch 8, 2-vCPU AMD EPYC: 831-851 -> 796-831 ms).
+    The same numbers within float32 rounding (exactly, for a power-of-two scale)."""
     ops = keras.ops
     q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))
-    scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * ops.cast(scale, q.dtype)
+    scores = ops.matmul(q * ops.cast(scale, q.dtype), ops.transpose(k, (0, 1, 3, 2)))
     if bias is not None:
         scores = scores + ops.cast(bias, scores.dtype)
     attn = ops.cast(softmax(ops.cast(scores, "float32"), axis=-1), v.dtype)
@@ -88,13 +93,13 @@ def dot_product_attention(q, k, v, bias=None, mask=None, scale=None):
     jax on CPU: `jax.nn.dot_product_attention` contracts the `(b, n, h, d)` operands in
     place (batch axes b and h on both sides of the sequence axis), and XLA:CPU runs those
     batched products slowly. Moving the heads first and multiplying `(b, h, n, d)` blocks,
-    as Keras' TensorFlow backend does, gives the same numbers (scale after the product,
-    softmax in float32) faster: one ViT-S/16 attention layer at batch 8 took 23 -> 17 ms
-    forward and 74 -> 59 ms for its gradient. Masks and half precision (whose scores JAX
-    accumulates in float32) keep Keras' call. Above `CHUNK_ABOVE` bytes of scores and
-    without a bias, the queries go through in chunks (`attention_in_query_chunks`): CvT-13's
-    first stage, 8 x 3136 x 784 scores, took 68 -> 22 ms forward and 163 -> 78 ms for its
-    gradient.
+    as Keras' TensorFlow backend does, gives the same numbers (softmax in float32) faster:
+    one ViT-S/16 attention layer at batch 8 took 23 -> 17 ms forward and 74 -> 59 ms for
+    its gradient (the queries are scaled, see `_attention_heads_first`). Masks and half
+    precision (whose scores JAX accumulates in float32) keep Keras' call. Above
+    `CHUNK_ABOVE` bytes of scores and without a bias, the queries go through in chunks
+    (`attention_in_query_chunks`): CvT-13's first stage, 8 x 3136 x 784 scores, took 68 ->
+    22 ms forward and 163 -> 78 ms for its gradient.
 
     jax on a GPU: Keras picks cuDNN's fused kernel where it applies, but cuDNN differentiates
     it only for even sequence lengths, and a ViT's are odd (196 patches and a class token):
