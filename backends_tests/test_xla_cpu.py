@@ -25,8 +25,15 @@ FLAG = _xla_cpu.FLAG
             "jax",
             2,
             TESTED,
-            f"--xla_force_host_platform_device_count=4 {FLAG}",
-        ),  # appended, not replaced
+            f"{FLAG} --xla_force_host_platform_device_count=4",
+        ),  # added, not replaced
+        (
+            {"XLA_FLAGS": "--xla_force_host_platform_device_count=4 stray"},
+            "jax",
+            2,
+            TESTED,
+            f"{FLAG} --xla_force_host_platform_device_count=4 stray",
+        ),  # first: XLA stops reading at a word that is not a flag
         ({}, "torch", 2, TESTED, None),
         ({}, "tensorflow", 2, TESTED, None),
         ({}, "jax", 16, TESTED, None),  # more cores than measured
@@ -98,14 +105,14 @@ def probe(backend, **environ):
 
 def test_a_jax_process_gets_the_flag_and_both_xlas_accept_it():
     """Forced on (the CI host's CPU count may differ): where the installed releases are ones
-    known to have the flag it is appended, and JAX's and TensorFlow's XLA compile with it
+    known to have the flag it goes first, and JAX's and TensorFlow's XLA compile with it
     (an unknown flag would abort the process)."""
     out = probe(
         "jax", VITKIT_XLA_CPU_DEFAULTS="1", XLA_FLAGS="--xla_force_host_platform_device_count=1"
     )
     versions = _xla_cpu.installed_versions()
     known = _xla_cpu.xla_flags_with_defaults({_xla_cpu.SWITCH: "1"}, "jax", 1, versions)
-    expected = "--xla_force_host_platform_device_count=1" + (f" {FLAG}" if known else "")
+    expected = (f"{FLAG} " if known else "") + "--xla_force_host_platform_device_count=1"
     assert out["flags"] == expected
     assert out["jax"] == out["tensorflow"] == 64.0
 

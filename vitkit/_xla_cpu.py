@@ -13,8 +13,10 @@ alive raise the peak memory. Turning the concurrency-optimised scheduler off the
   variable).
 
 XLA reads `XLA_FLAGS` once, when JAX's backend starts, and refuses to start on a flag it does
-not know. So vitkit adds `--xla_cpu_enable_concurrency_optimized_scheduler=false` while it is
-imported, before any JAX computation, and only where all of these hold:
+not know. So vitkit puts `--xla_cpu_enable_concurrency_optimized_scheduler=false` first in
+`XLA_FLAGS` (XLA stops reading the variable at the first word that is not a `--flag`, so a
+stray word in a user's flags cannot hide it) while it is imported, before any JAX
+computation, and only where all of these hold:
 
 - Keras' backend is JAX;
 - the host gives this process at most `MAX_CPUS` CPUs (the size measured; more cores may
@@ -103,7 +105,7 @@ def xla_flags_with_defaults(environ, backend: str, cpus: int, versions: dict) ->
         found = release(version)
         if found is None or not first <= found < end:
             return None
-    return f"{current} {FLAG}".strip()
+    return f"{FLAG} {current}".strip()
 
 
 def _jax_started() -> bool:
