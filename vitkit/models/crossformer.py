@@ -13,6 +13,7 @@ from vitkit.layers import (
     VitkitLayer,
     WindowAttention,
 )
+from vitkit.layers.backend_quirks import stored_gradient
 from vitkit.layers.conv import ConvNormAct
 from vitkit.layers.utils import (
     check_int,
@@ -167,6 +168,7 @@ class CrossFormerTransformer(VitkitLayer):
 
     def call(self, x, training=None):
         for block in self.blocks:
+            x = stored_gradient(x)  # see backend_quirks.stored_gradient
             x = block(x, training=training) + x
         return x
 

@@ -16,6 +16,7 @@ from vitkit.layers import (
     WindowAttention,
 )
 from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.backend_quirks import stored_gradient
 from vitkit.layers.conv import ConvNormAct, conv_output_size
 from vitkit.layers.utils import (
     check_int,
@@ -178,6 +179,7 @@ class ScalableTransformer(VitkitLayer):
 
     def call(self, x, training=None):
         for ssa, ff1, peg, ff2, iwsa in self.blocks:
+            x = stored_gradient(x)  # see backend_quirks.stored_gradient
             x = ssa(x, training=training) + x
             x = ff1(x, training=training) + x
             if peg is not None:

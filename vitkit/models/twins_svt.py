@@ -15,6 +15,7 @@ from vitkit.layers import (
     WindowAttention,
 )
 from vitkit.layers.attention import LN_EPSILON
+from vitkit.layers.backend_quirks import stored_gradient
 from vitkit.layers.utils import (
     check_int,
     check_rate,
@@ -137,6 +138,7 @@ class TwinsTransformer(VitkitLayer):
 
     def call(self, x, training=None):
         for i in range(self.depth):
+            x = stored_gradient(x)  # see backend_quirks.stored_gradient
             if self.has_local:
                 x = self.local_attentions[i](x, training=training) + x
                 x = self.local_feed_forwards[i](x, training=training) + x
