@@ -85,6 +85,12 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def flags_first(flags: str, current: str) -> str:
+    """`flags` put before the `XLA_FLAGS` value `current`: XLA stops reading the variable at
+    the first word that is not a `--flag`, so a stray word there cannot hide them."""
+    return f"{flags} {current}".strip()
+
+
 def xla_flags_with_defaults(environ, backend: str, cpus: int, versions: dict) -> str | None:
     """The `XLA_FLAGS` value vitkit would set, or None to leave it as it is (see the module's
     docstring for the rules)."""
@@ -105,7 +111,7 @@ def xla_flags_with_defaults(environ, backend: str, cpus: int, versions: dict) ->
         found = release(version)
         if found is None or not first <= found < end:
             return None
-    return f"{FLAG} {current}".strip()
+    return flags_first(FLAG, current)
 
 
 def _jax_started() -> bool:

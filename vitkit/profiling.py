@@ -28,6 +28,8 @@ import re
 import tempfile
 import time
 
+from vitkit._xla_cpu import flags_first
+
 MATRIX = "matrix products"
 LAYOUT = "copies and layout"
 ELEMENTWISE = "elementwise and reductions"
@@ -220,7 +222,7 @@ def prepare_xla(dump_dir: str, backend: str) -> None:
     flags = f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
     if backend == "tensorflow":
         flags += " --xla_cpu_enable_xprof_traceme=true"
-    os.environ["XLA_FLAGS"] = f"{flags} {os.environ.get('XLA_FLAGS', '')}".strip()
+    os.environ["XLA_FLAGS"] = flags_first(flags, os.environ.get("XLA_FLAGS", ""))
     if backend == "jax":
         import jax
 
