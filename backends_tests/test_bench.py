@@ -9,7 +9,7 @@ import os
 import pytest
 
 from backends_tests.helpers import BACKEND
-from vitkit import bench, cli, profiling
+from vitkit import _xla_cpu, bench, cli, profiling
 
 # this backend's runs (TensorFlow's also without XLA; `torch.compile` compiles for minutes)
 RUNS_HERE = [BACKEND] + (["tensorflow-graph"] if BACKEND == "tensorflow" else [])
@@ -42,6 +42,11 @@ def test_benchmark_runs_vitkit_and_vit_pytorch_on_the_same_weights(tmp_path, cap
     flags = os.environ.get("XLA_FLAGS", "")
     assert runs[f"vitkit-{BACKEND}"]["xla_flags"] == flags
     assert (f"XLA_FLAGS, vitkit-{BACKEND}: {flags}" in table) == bool(flags)
+    # and whether malloc kept XLA's freed memory there (the worker's own import decides)
+    rules = _xla_cpu.malloc_options_with_defaults(os.environ, BACKEND, _xla_cpu.cpu_count())
+    kept = rules is not None and _xla_cpu.glibc() is not None
+    assert runs[f"vitkit-{BACKEND}"]["malloc_kept"] is kept
+    assert (f"malloc keeps freed memory (mallopt), vitkit-{BACKEND}" in table) == kept
     assert bench.table(report).splitlines()[0] in table
 
 

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vitkit import profiling
+from vitkit import _xla_cpu, profiling
 
 # What each vitkit run measures: (Keras backend, compiled). JAX and TensorFlow compile with XLA
 # (`jit_compile=True`); torch runs eagerly, and "torch-compile" through `torch.compile`
@@ -560,6 +560,8 @@ def table(report) -> str:
         for who, run in runs.items():
             if run.get("xla_flags") and who.startswith("vitkit-"):
                 lines.append(f"{workload:10} XLA_FLAGS, {who}: {run['xla_flags']}")
+            if run.get("malloc_kept"):
+                lines.append(f"{workload:10} malloc keeps freed memory (mallopt), {who}")
             if "attention_kernels" in run:
                 found = ", ".join(run["attention_kernels"]) or "none (unfused attention)"
                 lines.append(f"{workload:10} attention kernels, {who}: {found}")
@@ -650,6 +652,7 @@ def main(argv=None) -> int:
                 )  # fmt: skip
         result.setdefault("peak_rss_mib", peak_rss_mib())
         result["xla_flags"] = xla_flags
+        result["malloc_kept"] = _xla_cpu.APPLIED["malloc"]
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
 
