@@ -42,11 +42,12 @@ def test_benchmark_runs_vitkit_and_vit_pytorch_on_the_same_weights(tmp_path, cap
     flags = os.environ.get("XLA_FLAGS", "")
     assert runs[f"vitkit-{BACKEND}"]["xla_flags"] == flags
     assert (f"XLA_FLAGS, vitkit-{BACKEND}: {flags}" in table) == bool(flags)
-    # and whether malloc kept XLA's freed memory there (the worker's own import decides)
-    rules = _xla_cpu.malloc_options_with_defaults(os.environ, BACKEND, _xla_cpu.cpu_count())
-    kept = rules is not None and _xla_cpu.glibc() is not None
-    assert runs[f"vitkit-{BACKEND}"]["malloc_kept"] is kept
-    assert (f"malloc keeps freed memory (mallopt), vitkit-{BACKEND}" in table) == kept
+    # every run, the reference's too, in the same environment: huge pages for what malloc
+    # maps where vitkit's small-host defaults apply
+    tunables = _xla_cpu.child_environment(os.environ).get("GLIBC_TUNABLES", "")
+    for who, run in runs.items():
+        assert run["glibc_tunables"] == tunables, who
+        assert (f"GLIBC_TUNABLES, {who}: {tunables}" in table) == bool(tunables)
     assert bench.table(report).splitlines()[0] in table
 
 

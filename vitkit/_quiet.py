@@ -8,8 +8,7 @@ descriptor 2 is parked in a temporary file; the known notices are dropped and an
 is written back. `VITKIT_TF_NOTICES=1` leaves the import alone.
 
 Before Keras (and so JAX) is imported, `vitkit._xla_cpu` may choose XLA:CPU's scheduler for
-small hosts, and have glibc's malloc keep XLA's freed memory; XLA reads its flags only once,
-and JAX's threads take their malloc heap when they start.
+small hosts; XLA reads its flags only once.
 """
 
 from __future__ import annotations

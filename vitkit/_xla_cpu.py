@@ -1,4 +1,4 @@
-"""XLA:CPU's scheduler, and glibc's malloc options, on small CPU hosts, set before JAX starts.
+"""XLA:CPU's scheduler on small CPU hosts, chosen before JAX starts; huge pages for its memory.
 
 XLA:CPU orders a compiled program for concurrency by default: independent operations run side
 by side on its thread pool. On a host with one or two CPUs every matrix product already uses
@@ -28,33 +28,28 @@ computation, and only where all of these hold:
 `VITKIT_XLA_CPU_DEFAULTS=0` leaves `XLA_FLAGS` alone; `=1` adds the flag whatever the CPU
 count (the version and user-choice checks still apply).
 
-XLA:CPU's working memory, kept by glibc's malloc
-------------------------------------------------
+XLA:CPU's working memory, in huge pages
+--------------------------------------
 XLA:CPU (jaxlib 0.10) allocates one block for all of a compiled program's temporaries each
 time the program runs, and frees it after. A training step's block is large (ViT-S/16 at
 batch 8: 719 MiB). glibc's malloc serves a block above 32 MiB (the most its `mmap` threshold
 may be) with a fresh `mmap` and gives it back with `munmap`, so every step faulted the whole
-block in again, page by page, with the kernel zeroing each page: 201,000 page faults (785
-MiB) a step, about 130 ms of an 800 ms ViT-S/16 step on a 2-vCPU AMD EPYC. TensorFlow's
-allocator keeps its memory between steps (no faults), and torch's tensors stay below the
-threshold (26 MiB of faults a step).
+block in again, 4 KiB page by 4 KiB page: 201,000 page faults (785 MiB) a step, about 150 ms
+of an 800 ms ViT-S/16 step on a 2-vCPU AMD EPYC. TensorFlow's allocator keeps its memory
+between steps, and torch's tensors stay below the threshold (26 MiB of faults a step).
 
-So, under the same rules as the flag above (JAX; at most `MAX_CPUS` CPUs unless the switch
-says `1`; `0` leaves it alone; JAX not started yet), vitkit asks glibc (`mallopt`) to:
+glibc's tunable `glibc.malloc.hugetlb=1` has malloc ask for transparent huge pages
+(`madvise`) on the memory it maps: the same block then takes about 400 faults of 2 MiB, and
+the step 778 -> 633 ms. glibc reads its tunables only when a process starts, so vitkit cannot
+set it on import: `glibc_tunables_with_defaults` gives the `GLIBC_TUNABLES` value for the
+processes vitkit starts itself (the benchmark's runs, the reference's included), under the
+switch and CPU-count rules above, where the kernel gives huge pages on request (its mode
+`madvise`; with `always` it does so unasked) and the variable does not already choose. A
+script sets it itself: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py`.
 
-- serve large blocks from its heap rather than with `mmap` (`M_MMAP_MAX` 0);
-- keep up to 2 GiB of freed memory at the top of the heap rather than hand it back to the
-  system (`M_TRIM_THRESHOLD`), so the next step's block is the same, already mapped, memory;
-- give every thread the main heap (`M_ARENA_MAX` 1): XLA allocates the block on one of its
-  worker threads, and glibc's other heaps are at most 64 MiB, too small, so they would fall
-  back to `mmap`.
-
-The step: 798 -> 667 ms, no page faults. The cost: freed memory up to 2 GiB stays with the
-process (its resident size stays at its peak, as with jemalloc or tcmalloc), and threads share
-one heap's lock. On other C libraries (musl, macOS, Windows) nothing is changed. A process
-that started JAX, or other threads, before importing vitkit may not get the main heap for
-XLA's threads; `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647` in
-the environment does the same from the process's start.
+(Keeping the freed memory instead, with `mallopt` on import, was tried: as fast in a steady
+training loop, but the heap fragmented whenever other allocations came between two steps'
+blocks (a profiler, another program), grew by whole blocks, and faulted them in again.)
 """
 
 from __future__ import annotations
@@ -152,56 +147,63 @@ def _jax_started() -> bool:
     return bool(getattr(bridge, "_backends", None))
 
 
-# mallopt's parameters (glibc's malloc.h) and the values set.
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-MALLOC_OPTIONS = {M_ARENA_MAX: 1, M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}
-# What this process's import set: {"xla_flags": bool, "malloc": bool}.
-APPLIED = {"xla_flags": False, "malloc": False}
+# glibc's tunable for transparent huge pages on the memory malloc maps.
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def malloc_options_with_defaults(environ, backend: str, cpus: int) -> dict | None:
-    """The `mallopt` settings vitkit would make, or None to leave malloc as it is."""
+def thp_mode() -> str | None:
+    """The kernel's transparent huge page mode ("always", "madvise", "never"), or None where
+    it does not say (not Linux, no such file)."""
+    try:
+        with open(THP_MODE_FILE) as f:
+            found = re.search(r"\[(\w+)\]", f.read())
+    except OSError:
+        return None
+    return found.group(1) if found else None
+
+
+def glibc() -> bool:
+    """Whether this process's C library is glibc (whose tunables these are; musl has none)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018 (only glibc has it)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def glibc_tunables_with_defaults(environ, cpus: int, thp: str | None) -> str | None:
+    """The `GLIBC_TUNABLES` value for a process vitkit starts, or None to leave it as it is
+    (see the module's docstring for the rules)."""
     switch = environ.get(SWITCH, "").strip()
-    if switch == "0" or backend != "jax":
+    if switch == "0":
         return None
     if cpus > MAX_CPUS and switch != "1":
         return None
-    return dict(MALLOC_OPTIONS)
-
-
-def glibc():
-    """This process's C library where it is glibc (which has `mallopt`), else None."""
-    if not sys.platform.startswith("linux"):
+    if thp != "madvise":
         return None
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 (only glibc has it; musl does not)
-        return libc
-    except (OSError, AttributeError):
-        return None
+    current = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in current:
+        return None  # the user's choice
+    return f"{current}:{HUGE_PAGES}" if current else HUGE_PAGES
 
 
-def set_malloc_options(options: dict) -> bool:
-    """`mallopt` each option; True where glibc took them all."""
-    libc = glibc()
-    if libc is None:
-        return False
-    return all(
-        libc.mallopt(ctypes.c_int(key), ctypes.c_int(value)) == 1 for key, value in options.items()
-    )
+def child_environment(environ) -> dict:
+    """`environ` for a process vitkit starts, with the huge-page tunable where it applies."""
+    tunables = None
+    if glibc():
+        tunables = glibc_tunables_with_defaults(environ, cpu_count(), thp_mode())
+    return {**environ, "GLIBC_TUNABLES": tunables} if tunables else dict(environ)
 
 
-def apply_defaults(backend: str) -> dict:
-    """Set `XLA_FLAGS` and malloc's options for `backend` if the rules say so; returns
-    `APPLIED`, what was set (by this call or an earlier one)."""
+def apply_defaults(backend: str) -> bool:
+    """Set `XLA_FLAGS` for `backend` if the rules say so; True where it was set."""
     if _jax_started():
-        return APPLIED
-    cpus = cpu_count()
-    flags = xla_flags_with_defaults(os.environ, backend, cpus, installed_versions())
-    if flags is not None:
-        os.environ["XLA_FLAGS"] = flags
-        APPLIED["xla_flags"] = True
-    options = malloc_options_with_defaults(os.environ, backend, cpus)
-    if options is not None and not APPLIED["malloc"]:
-        APPLIED["malloc"] = set_malloc_options(options)
-    return APPLIED
+        return False
+    flags = xla_flags_with_defaults(os.environ, backend, cpu_count(), installed_versions())
+    if flags is None:
+        return False
+    os.environ["XLA_FLAGS"] = flags
+    return True

@@ -356,7 +356,9 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5, precision: str = "flo
 
 def run_worker(who: str, workload: str, weights: str, warmup: int, repeats: int, **options) -> dict:
     """One measurement in a fresh process. `options`: precision, infer_batches, train_batches."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # every run, the reference's too, in the same environment: with huge pages for what
+    # malloc maps where vitkit's small-host defaults apply (`vitkit._xla_cpu`)
+    env = {**_xla_cpu.child_environment(os.environ), "TF_CPP_MIN_LOG_LEVEL": "3"}
     if who != "reference":
         env["KERAS_BACKEND"] = RUNS[who][0]
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -560,8 +562,8 @@ def table(report) -> str:
         for who, run in runs.items():
             if run.get("xla_flags") and who.startswith("vitkit-"):
                 lines.append(f"{workload:10} XLA_FLAGS, {who}: {run['xla_flags']}")
-            if run.get("malloc_kept"):
-                lines.append(f"{workload:10} malloc keeps freed memory (mallopt), {who}")
+            if run.get("glibc_tunables"):
+                lines.append(f"{workload:10} GLIBC_TUNABLES, {who}: {run['glibc_tunables']}")
             if "attention_kernels" in run:
                 found = ", ".join(run["attention_kernels"]) or "none (unfused attention)"
                 lines.append(f"{workload:10} attention kernels, {who}: {found}")
@@ -652,7 +654,7 @@ def main(argv=None) -> int:
                 )  # fmt: skip
         result.setdefault("peak_rss_mib", peak_rss_mib())
         result["xla_flags"] = xla_flags
-        result["malloc_kept"] = _xla_cpu.APPLIED["malloc"]
+        result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
 
