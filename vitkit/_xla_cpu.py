@@ -35,17 +35,18 @@ time the program runs, and frees it after. A training step's block is large (ViT
 batch 8: 719 MiB). glibc's malloc serves a block above 32 MiB (the most its `mmap` threshold
 may be) with a fresh `mmap` and gives it back with `munmap`, so every step faulted the whole
 block in again, 4 KiB page by 4 KiB page: 201,000 page faults (785 MiB) a step, about 150 ms
-of an 800 ms ViT-S/16 step on a 2-vCPU AMD EPYC. TensorFlow's allocator keeps its memory
+of a 780 ms ViT-S/16 step on a 2-vCPU AMD EPYC. TensorFlow's allocator keeps its memory
 between steps, and torch's tensors stay below the threshold (26 MiB of faults a step).
 
 glibc's tunable `glibc.malloc.hugetlb=1` has malloc ask for transparent huge pages
-(`madvise`) on the memory it maps: the same block then takes about 400 faults of 2 MiB, and
-the step 778 -> 633 ms. glibc reads its tunables only when a process starts, so vitkit cannot
-set it on import: `glibc_tunables_with_defaults` gives the `GLIBC_TUNABLES` value for the
-processes vitkit starts itself (the benchmark's runs, the reference's included), under the
-switch and CPU-count rules above, where the kernel gives huge pages on request (its mode
-`madvise`; with `always` it does so unasked) and the variable does not already choose. A
-script sets it itself: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py`.
+(`madvise`) on the memory it maps: the step then takes about 800 faults instead of 201,000,
+most of them of 2 MiB pages, and 778 -> 633 ms. glibc reads its tunables only when a
+process starts, so vitkit cannot set it on import: `glibc_tunables_with_defaults` gives the
+`GLIBC_TUNABLES` value for the processes vitkit starts itself (the benchmark's runs, the
+reference's included), under the switch and CPU-count rules above, where the kernel gives
+huge pages on request (its mode `madvise`; with `always` it does so unasked) and the
+variable does not already choose. A script sets it itself:
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py`.
 
 (Keeping the freed memory instead, with `mallopt` on import, was tried: as fast in a steady
 training loop, but the heap fragmented whenever other allocations came between two steps'
