@@ -93,14 +93,19 @@ PROBE = textwrap.dedent(
 )
 
 
-def probe(backend, **environ):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", _xla_cpu.SWITCH)}
-    env.update(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **environ)
+def run_python(code, env):
+    """`code` in a fresh Python process with `env`; the JSON its last line prints."""
     result = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def probe(backend, **environ):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", _xla_cpu.SWITCH)}
+    env.update(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **environ)
+    return run_python(PROBE, env)
 
 
 def test_a_jax_process_gets_the_flag_and_both_xlas_accept_it():
@@ -168,15 +173,7 @@ MEMORY_PROBE = textwrap.dedent(
 
 
 def memory_probe(environ):
-    result = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE],
-        capture_output=True,
-        text=True,
-        env=environ,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])["faults_a_run"]
+    return run_python(MEMORY_PROBE, environ)["faults_a_run"]
 
 
 def test_child_processes_fault_xlas_memory_in_huge_pages():
