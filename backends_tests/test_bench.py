@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 
@@ -15,8 +16,13 @@ from vitkit import _xla_cpu, bench, cli, profiling
 RUNS_HERE = [BACKEND] + (["tensorflow-graph"] if BACKEND == "tensorflow" else [])
 
 
-def test_benchmark_runs_vitkit_and_vit_pytorch_on_the_same_weights(tmp_path, capsys):
+def test_benchmark_runs_vitkit_and_vit_pytorch_on_the_same_weights(tmp_path, capsys, monkeypatch):
     out = tmp_path / "results.json"
+    # the temporary files of the bench and of its workers go here, to be counted after
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))
     args = ["bench", "--workload", "vit_tiny", "--warmup", "1"]
     for run in RUNS_HERE:
         args += ["--backend", run]
@@ -49,6 +55,10 @@ def test_benchmark_runs_vitkit_and_vit_pytorch_on_the_same_weights(tmp_path, cap
         assert run["glibc_tunables"] == tunables, who
         assert (f"GLIBC_TUNABLES, {who}: {tunables}" in table) == bool(tunables)
     assert bench.table(report).splitlines()[0] in table
+    # nothing left behind (the weights, the workers' reports) but torch's compile cache,
+    # which torch keeps there by design
+    left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]
+    assert left == []
 
 
 def test_benchmark_mixed_precision_at_chosen_batch_sizes_over_rounds(tmp_path):

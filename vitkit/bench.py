@@ -361,8 +361,6 @@ def run_worker(who: str, workload: str, weights: str, warmup: int, repeats: int,
     env = {**_xla_cpu.child_environment(os.environ), "TF_CPP_MIN_LOG_LEVEL": "3"}
     if who != "reference":
         env["KERAS_BACKEND"] = RUNS[who][0]
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
     command = [sys.executable, "-m", "vitkit.bench", "--worker", who, "--workload", workload]
     command += ["--weights", weights, "--warmup", str(warmup), "--repeats", str(repeats)]
     command += ["--precision", options.get("precision", "float32")]
@@ -372,13 +370,16 @@ def run_worker(who: str, workload: str, weights: str, warmup: int, repeats: int,
         command += ["--train-batch", str(batch)]
     if options.get("profile"):
         command.append("--profile")
-    done = subprocess.run(
-        [*command, "--worker-out", out], env=env, capture_output=True, text=True, check=False
-    )
-    if done.returncode:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": tail}
-    return json.loads(Path(out).read_text())
+    with tempfile.TemporaryDirectory() as tmp:  # the worker's report, removed after
+        out = Path(tmp) / "result.json"
+        done = subprocess.run(
+            [*command, "--worker-out", str(out)],
+            env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"error": tail}
+        return json.loads(out.read_text())
 
 
 def relative_error(ours, reference) -> float:
