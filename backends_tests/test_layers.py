@@ -756,9 +756,11 @@ def test_depthwise_conv_as_shifts_matches_keras(
         assert keras.backend.standardize_dtype(half.dtype) == "bfloat16"
 
 
-def _gradients(fn, arrays, projection):
+def _gradients(fn, arrays, projection, unknown_batch=False):
     """d(sum(fn(*arrays) * projection)) / d(arrays), compiled where the backend compiles
-    (`jax.jit`, TensorFlow's `jit_compile=True`: the XLA:CPU path)."""
+    (`jax.jit`, TensorFlow's `jit_compile=True`: the XLA:CPU path). `unknown_batch`: on
+    TensorFlow, traced with the first array's leading axis unknown (as Keras' `fit` retraces
+    for a new batch size); JAX traces shapes as they are."""
     backend = keras.config.backend()
     if backend == "jax":
         import jax
@@ -770,7 +772,11 @@ def _gradients(fn, arrays, projection):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        @tf.function(jit_compile=True)
+        signature = [tf.TensorSpec(a.shape, a.dtype) for a in arrays]
+        if unknown_batch:
+            signature[0] = tf.TensorSpec((None, *arrays[0].shape[1:]), arrays[0].dtype)
+
+        @tf.function(jit_compile=True, input_signature=signature)
         def grads(*arrays):
             with tf.GradientTape() as tape:
                 tape.watch(arrays)
@@ -800,9 +806,10 @@ def test_depthwise_conv_as_shifts_differentiates_like_keras(
     data_format, multiplier, strides, padding, dilation
 ):
     """The shifted windows' gradients (on JAX its own backward pass: the output's gradient
-    padded and dilated once, then windows times the flipped kernel) are the convolution's,
-    for the input and the kernel, with strides (uneven "same" padding, a stride that skips
-    input rows), dilation and depth multipliers, in both layouts."""
+    padded and dilated once, then windows times the flipped kernel; on TensorFlow the
+    kernel's gradient as matrix products) are the convolution's, for the input and the
+    kernel, with strides (uneven "same" padding, a stride that skips input rows), dilation
+    and depth multipliers, in both layouts, also for a batch size unknown when traced."""
     from vitkit.layers.backend_quirks import _depthwise_conv_as_shifts
 
     rng = np.random.default_rng(13)
@@ -822,11 +829,15 @@ def test_depthwise_conv_as_shifts_differentiates_like_keras(
             (x, kernel),
             projection,
         )
-        got = _gradients(
-            lambda x, k: _depthwise_conv_as_shifts(x, k, *args), (x, kernel), projection
-        )
-        for ours, theirs in zip(got, expected):
-            np.testing.assert_allclose(as_numpy(ours), as_numpy(theirs), rtol=1e-5, atol=1e-5)
+        for unknown_batch in (False, True):
+            got = _gradients(
+                lambda x, k: _depthwise_conv_as_shifts(x, k, *args),
+                (x, kernel),
+                projection,
+                unknown_batch=unknown_batch,
+            )
+            for ours, theirs in zip(got, expected):
+                np.testing.assert_allclose(as_numpy(ours), as_numpy(theirs), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
