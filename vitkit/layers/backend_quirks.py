@@ -452,10 +452,10 @@ def _tf_sum_of_windows(x, weights, geometry):
     against 1.4 ms for the input's (2-vCPU AMD EPYC; JAX's XLA, 3.6 ms for both). Summed by
     matrix products instead (`sums_as_products`, one per kernel row), CvT-13's training step
     at batch 8 took 886-922 -> 776-844 ms (A/B in one process, three rounds). All nine
-    windows in one product were as fast with three times the memory; one product per window
-    was slower (958-981 -> 1025 ms), as were the reduction's other forms (batch first, rows
-    first, channels first: 11-12 ms for the map above). Channels-first maps keep the
-    reduction."""
+    windows in one product were as fast, with three times the memory; one product per window
+    was slower (958-981 -> 1025 ms), and the reduction's other forms (batch first, rows
+    first, channels first) no faster (11-12 ms for the map above). Channels-first maps keep
+    the reduction."""
     import tensorflow as tf
 
     @tf.custom_gradient
