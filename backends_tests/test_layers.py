@@ -1079,3 +1079,88 @@ if keras.config.backend() == "torch":
         with torch.no_grad():
             y = backend_quirks._torch_dense(half, x.to(torch.bfloat16))
         assert y.dtype is torch.bfloat16 and not calls
+
+    def test_onednn_dense_lays_out_broadcast_gradients(monkeypatch):
+        """The gradient of a sum is a broadcast (zero strides); handed to oneDNN as it is, a
+        `(1568, 384)` kernel gradient took 2.3 s instead of 3 ms. No oneDNN call of the
+        backward sees a zero stride, and the gradients are torch's."""
+        from vitkit.layers import backend_quirks
+
+        strides = []
+        original = backend_quirks._LINEAR_POINTWISE
+
+        def recording(*args):
+            strides.extend(t.stride() for t in args if isinstance(t, torch.Tensor))
+            return original(*args)
+
+        monkeypatch.setattr(backend_quirks, "_LINEAR_POINTWISE", recording)
+        monkeypatch.setattr(backend_quirks, "ONEDNN_DENSE", True)
+        dense = keras.layers.Dense(5)
+        dense.build((None, 3))
+        x = torch.tensor(np.random.default_rng(2).normal(size=(4, 6, 3)), dtype=torch.float32)
+
+        def grads():
+            xg = x.detach().clone().requires_grad_()
+            y = backend_quirks._torch_dense(dense, xg)
+            return torch.autograd.grad(y.sum(), [xg, dense.kernel.value, dense.bias.value])
+
+        fast = grads()
+        assert len(strides) >= 6 and all(0 not in s for s in strides), strides
+        monkeypatch.setattr(backend_quirks, "ONEDNN_DENSE", False)
+        for got, expected in zip(fast, grads(), strict=True):
+            assert rel_err(as_numpy(got), as_numpy(expected)) < 1e-5
+
+    def test_onednn_dense_is_kept_by_torch_compile_not_by_export(monkeypatch):
+        """The oneDNN Dense is the custom op `vitkit::onednn_linear`: torch.compile keeps it
+        in the forward and the backward graph (Inductor would turn torch's linear into MKL's
+        product), with torch's numbers and gradients. torch.export's program, which may run
+        anywhere, has no oneDNN op (its tensors are not plain ones: Keras' own call)."""
+        from vitkit.layers import backend_quirks
+
+        calls = []
+        original = backend_quirks._LINEAR_POINTWISE
+
+        def counting(*args):
+            calls.append(tuple(args[0].shape))
+            return original(*args)
+
+        monkeypatch.setattr(backend_quirks, "_LINEAR_POINTWISE", counting)
+        monkeypatch.setattr(backend_quirks, "ONEDNN_DENSE", True)
+        dense = keras.layers.Dense(6, activation="gelu")
+
+        class Outer(keras.layers.Layer):
+            def call(self, x):
+                return backend_quirks.call_sublayer(dense, x)
+
+        outer = Outer()
+        rng = np.random.default_rng(5)
+        x = torch.tensor(rng.normal(size=(2, 5, 4)), dtype=torch.float32)
+        outer(x)
+
+        def loss_and_grads(fn):
+            xg = x.detach().clone().requires_grad_()
+            y = fn(xg)
+            weights = [xg, *(w.value for w in dense.trainable_weights)]
+            grads = torch.autograd.grad((y**2).sum(), weights)
+            return [as_numpy(t.detach()) for t in (y, *grads)]
+
+        torch._dynamo.reset()
+        compiled = loss_and_grads(torch.compile(outer, backend="aot_eager", fullgraph=True))
+        # forward (10 rows); backward: the input's gradient (10 rows), the kernel's (4 rows)
+        assert sorted(calls) == [(4, 10), (10, 4), (10, 6)]
+        monkeypatch.setattr(backend_quirks, "ONEDNN_DENSE", False)
+        plain = loss_and_grads(outer)
+        for got, expected in zip(compiled, plain, strict=True):
+            assert got.shape == expected.shape and rel_err(got, expected) < 1e-5
+
+        monkeypatch.setattr(backend_quirks, "ONEDNN_DENSE", True)
+        calls.clear()
+
+        class Module(torch.nn.Module):
+            def forward(self, x):
+                return outer(x)
+
+        program = torch.export.export(Module(), (x,))
+        targets = {str(node.target) for node in program.graph.nodes}
+        assert not calls and not any("onednn" in target for target in targets), targets
+        np.testing.assert_allclose(as_numpy(program.module()(x)), plain[0], rtol=1e-5, atol=1e-5)
