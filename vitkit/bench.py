@@ -591,7 +591,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vitkit bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
     parser.add_argument("--backend", action="append", choices=list(RUNS))
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed calls before each task is timed (default 2: torch.compile compiles "
+        "Keras' training step in its first call and again in its second)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--rounds",
