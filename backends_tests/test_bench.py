@@ -41,6 +41,9 @@ def test_benchmark_runs_vitkit_and_vit_pytorch_on_the_same_weights(tmp_path, cap
         assert runs[f"vitkit-{run}"]["rel_err"] < 1e-4, (run, runs[f"vitkit-{run}"]["rel_err"])
     assert entry["flops_per_image"]["train"] > 2 * entry["flops_per_image"]["forward"] > 0
     assert report["machine"]["matmul_peak_gflops"] > 0
+    if os.path.exists("/proc/cpuinfo"):  # which CPU, beyond its model name
+        assert report["machine"]["cpu"] == bench.cpu_details()
+        assert report["machine"]["cpu"]["family"]
     table = capsys.readouterr().out
     assert f"vitkit-{BACKEND}" in table and "vs ref" in table and "wrote" in table
     # each vitkit run reports the XLA flags it ran with: this process's, which importing
@@ -110,6 +113,46 @@ def test_rounds_merge_into_medians_and_paired_ratios():
     assert ratios == {"vs_ref": {"infer_b1": 2.0}, "vs_ref_range": {"infer_b1": [0.5, 2.0]}}
     assert bench.merge_rounds([ours[0], {"error": "out of memory"}]) == {"error": "out of memory"}
     assert "rounds" not in bench.merge_rounds(ours[:1])
+
+
+# /proc/cpuinfo of a 2-vCPU Intel virtual machine whose vCPUs are hyper-threads of one core
+INTEL_HYPERTHREADS = "\n\n".join(
+    f"""processor\t: {n}
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Processor
+siblings\t: 2
+core id\t\t: 0
+cpu cores\t: 1
+flags\t\t: fpu sse2 avx fma avx2 avx512f avx512bw avx512_vnni amx_tile amx_int8"""
+    for n in range(2)
+)
+
+
+def test_the_report_tells_cpus_of_one_model_name_apart():
+    assert bench.cpu_details(INTEL_HYPERTHREADS) == {
+        "vendor": "GenuineIntel",
+        "family": "6",
+        "model": "143",
+        "threads_per_core": 2,
+        "features": ["avx2", "fma", "avx512f", "avx512_vnni", "amx_tile"],
+    }
+    assert bench.cpu_details("") == {}
+    report = {
+        "machine": {
+            "processor": "Intel(R) Xeon(R) Processor",
+            "cpus": 2,
+            "cpu": bench.cpu_details(INTEL_HYPERTHREADS),
+            "matmul_peak_gflops": 300.0,
+        },
+        "settings": {"warmup": 2, "repeats": 5, "infer_batches": [1], "train_batches": [8]},
+        "workloads": {},
+    }
+    assert (
+        "machine: Intel(R) Xeon(R) Processor, 2 CPUs (family 6 model 143, 2 threads per core; "
+        "avx2/fma/avx512f/avx512_vnni/amx_tile)" in bench.table(report)
+    )
 
 
 def test_benchmark_rejects_a_batch_size_or_rounds_below_one(capsys):

@@ -397,6 +397,41 @@ def cpu_model() -> str:
     return cpuinfo_field("model name")
 
 
+# instruction sets the matrix kernels pick by (XLA's YNNPACK, oneDNN, MKL)
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_details(cpuinfo: str | None = None) -> dict:
+    """What tells two CPUs of one model name apart (Linux's /proc/cpuinfo, else {}): vendor,
+    family and model numbers ("AMD EPYC" and "Intel(R) Xeon(R) Processor" name many
+    generations), threads per core (whether the CPUs are hyper-threads of fewer cores), and
+    which of `CPU_FEATURES` it has."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as info:
+                cpuinfo = info.read()
+        except OSError:
+            return {}
+    first = cpuinfo.strip().split("\n\n")[0]
+    fields = {}
+    for line in first.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    if not fields:
+        return {}
+    details = {
+        "vendor": fields.get("vendor_id", ""),
+        "family": fields.get("cpu family", ""),
+        "model": fields.get("model", ""),
+    }
+    if fields.get("siblings", "").isdigit() and fields.get("cpu cores", "").isdigit():
+        details["threads_per_core"] = int(fields["siblings"]) // max(int(fields["cpu cores"]), 1)
+    flags = set(fields.get("flags", "").split())
+    details["features"] = [feature for feature in CPU_FEATURES if feature in flags]
+    return details
+
+
 def installed_backends() -> list:
     import importlib.util
 
@@ -438,6 +473,7 @@ def benchmark(
         "machine": {
             "platform": platform.platform(),
             "processor": cpu_model() or platform.processor() or platform.machine(),
+            "cpu": cpu_details(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "gpu": gpu_name(),
@@ -572,6 +608,12 @@ def table(report) -> str:
             lines.append(f"{workload:10} " + profiling.table(runs, tasks(settings)[-1]))
     machine = report["machine"]
     where = f"{machine['processor']}, {machine['cpus']} CPUs"
+    cpu = machine.get("cpu") or {}
+    if cpu.get("family"):
+        threads = cpu.get("threads_per_core")
+        per_core = f", {threads} thread{'s' * (threads != 1)} per core" if threads else ""
+        features = "/".join(cpu.get("features", [])) or "none of " + "/".join(CPU_FEATURES)
+        where += f" (family {cpu['family']} model {cpu['model']}{per_core}; {features})"
     if machine.get("gpu"):
         where = f"{machine['gpu']} ({where})"
     peak_dtype = machine.get("matmul_peak_dtype", "float32")
