@@ -695,11 +695,12 @@ if _TORCH:
     # Eager torch's float32 Dense on an AMD CPU: torch's `addmm` / `mm` go to MKL, whose
     # float32 GEMM runs about half as fast there as oneDNN's (the library under torch's CPU
     # convolutions, which picks its kernels by instruction set, not vendor). On a 2-core AMD
-    # EPYC, ViT-S/16's `(1576, 384) x (384, 1536)` feed-forward product took 8.8 ms through
+    # EPYC Zen 5, ViT-S/16's `(1576, 384) x (384, 1536)` feed-forward product took 8.8 ms through
     # `addmm` and 3.8 ms through oneDNN's inner product (`torch.ops.mkldnn._linear_pointwise`,
     # the op Inductor uses for its own oneDNN linears), 2.2-2.3x at every ViT-S/16 and CvT-13
     # size down to batch 1; forward and backward together (the backward also through oneDNN)
-    # 1.3-1.7x. On an Intel CPU MKL is at home: it keeps `addmm`. `ONEDNN_DENSE = False` turns
+    # 1.3-1.7x. On a Zen 4 the same product took 9.8 against 8.7 ms: oneDNN still leads, by
+    # 5-15 %. On an Intel CPU MKL is at home: it keeps `addmm`. `ONEDNN_DENSE = False` turns
     # it off, `True` on.
     _LINEAR_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     ONEDNN_DENSE = (
